@@ -1,0 +1,47 @@
+# Two commands do all set-up on a fresh machine: `make run` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.sdpo-installed
+
+# Tools read these; they are set here so a plain `make` works the same locally and in CI.
+export METAFLOW_USER ?= sdpo
+export USERNAME ?= sdpo
+export DVC_NO_ANALYTICS := 1
+export HF_HUB_OFFLINE := 1
+export HF_HUB_DISABLE_TELEMETRY := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
+export GIT_PYTHON_REFRESH := quiet
+
+.PHONY: setup run test lint mlflow-ui bench clean
+
+setup: $(STAMP)
+
+# Re-installs only when the dependency files change; pip takes the exact pins from constraints.txt.
+$(STAMP): pyproject.toml constraints.txt
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is required"'
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	@touch $@
+
+run: setup
+	$(PY) flows/sdpo_flow.py run
+
+test: setup lint
+	$(PY) -m pytest
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+mlflow-ui: setup
+	$(VENV)/bin/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1 --port 5000
+
+bench: setup
+	$(PY) -m bench all --out bench/results/cpu-latest.json
+
+clean:
+	rm -rf $(VENV) .metaflow .pytest_cache .ruff_cache

@@ -1,0 +1,13 @@
+"""Test-wide environment. Tools read these at import time, so they are set before anything imports them."""
+
+import os
+
+# Metaflow rejects 'root' (CI runs as root) and reads the user when it is imported.
+os.environ.setdefault("METAFLOW_USER", "sdpo-test")
+os.environ.setdefault("USERNAME", "sdpo-test")
+os.environ["DVC_NO_ANALYTICS"] = "1"
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+os.environ["GIT_PYTHON_REFRESH"] = "quiet"
