@@ -232,7 +232,7 @@ def _format_error(err: ValidationError, source: str) -> str:
             continue
         msg = e["msg"]
         ctx = e.get("ctx") or {}
-        if "expected" in ctx:
+        if "expected" in ctx and str(ctx["expected"]) not in msg:
             msg = f"{msg} (allowed: {ctx['expected']})"
         lines.append(f"  {key}: {msg}; got {e.get('input')!r}")
     return "\n".join(lines)
@@ -257,8 +257,11 @@ def validate_config(raw: dict[str, Any] | None, source: str = "<dict>") -> Confi
         return Config.model_validate(raw or {})
     except ValidationError as err:
         message = _format_error(err, source)
-        if any(e["type"] == "extra_forbidden" for e in err.errors()):
-            message += "\n  known keys: " + ", ".join(_known_keys(Config))
+        unknown = [e["loc"] for e in err.errors() if e["type"] == "extra_forbidden"]
+        if unknown:
+            sections = {str(loc[0]) for loc in unknown if len(loc) > 1}
+            known = [k for k in _known_keys(Config) if not sections or k.split(".")[0] in sections]
+            message += "\n  known keys: " + ", ".join(known)
         raise ConfigError(message) from None
 
 
