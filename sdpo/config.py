@@ -77,6 +77,11 @@ class ModelConfig(_Section):
     lora: LoraConfig = LoraConfig()
 
 
+def _yaml_off(value: Any) -> Any:
+    """YAML 1.1 reads an unquoted ``off`` / ``no`` as False: accept it for the "off"/"no" choices."""
+    return "off" if value is False else value
+
+
 class VariantConfig(_Section):
     """One training arm of an experiment; unset fields inherit from ``train``."""
 
@@ -84,6 +89,8 @@ class VariantConfig(_Section):
     safeguard: SafeguardMode | None = None
     mu: float | None = Field(None, ge=0.0, le=1.0)
     beta: float | None = Field(None, gt=0)
+
+    _off = field_validator("safeguard", mode="before")(_yaml_off)
 
 
 class TrainConfig(_Section):
@@ -122,6 +129,13 @@ class TrainConfig(_Section):
     heldout_every: int = Field(50, ge=0)  # held-out winner/loser deltas; 0 disables
     heldout_pairs: int = Field(64, ge=1)
     dataloader_workers: int = Field(0, ge=0)
+
+    _off = field_validator("safeguard", mode="before")(_yaml_off)
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _no_precision(cls, value: Any) -> Any:
+        return "no" if value is False else value
 
     @model_validator(mode="after")
     def _variants_named(self) -> TrainConfig:

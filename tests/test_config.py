@@ -1,0 +1,97 @@
+"""params.yaml schema: every error path names the key and what is allowed."""
+
+from pathlib import Path
+
+import pytest
+
+from sdpo.config import ConfigError, load_config, parse_yaml, validate_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_repository_params_file_is_valid():
+    cfg = load_config(ROOT / "params.yaml")
+    assert cfg.data.input is None  # embedded default: the synthetic world
+    assert set(cfg.train.variants) >= {"dpo", "dpo-sdpo"}
+
+
+def test_defaults_describe_the_embedded_run():
+    cfg = load_config(None)
+    assert cfg.model.base is None and cfg.model.family == "sd15"
+    assert cfg.train.for_variant("dpo").safeguard == "off"
+    assert cfg.train.for_variant("dpo-sdpo").safeguard == "pair"
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "hint"),
+    [
+        ("train.mu=1.5", "train.mu", "less than or equal to 1"),
+        ("train.mu=-0.1", "train.mu", "greater than or equal to 0"),
+        ("train.beta=0", "train.beta", "greater than 0"),
+        ("train.method=ppo", "train.method", "'sft', 'dpo', 'dspo' or 'dmpo'"),
+        ("train.safeguard=always", "train.safeguard", "'off', 'pair' or 'batch'"),
+        ("model.family=sd9", "model.family", "'sd15', 'sd2', 'sdxl' or 'sd3'"),
+        ("train.steps=many", "train.steps", "valid integer"),
+        ("train.bogus=1", "train.bogus", "unknown key"),
+        ("bogus.x=1", "bogus", "unknown key"),
+        ("train.variants.x.mu=2", "train.variants.x.mu", "less than or equal to 1"),
+    ],
+)
+def test_errors_name_the_key_and_allowed_values(override, key, hint):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    message = str(err.value)
+    assert f"{key}:" in message and hint in message
+
+
+def test_unknown_key_lists_known_keys_of_its_section():
+    with pytest.raises(ConfigError, match=r"known keys: .*train\.mu") as err:
+        load_config(None, ["train.mue=0.5"])
+    assert "data.root" not in str(err.value)
+
+
+def test_floats_in_dvc_exponent_form_are_floats(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  lr: 2e-05\n  mu: 5e-1\n")
+    cfg = load_config(path)
+    assert cfg.train.lr == 2e-05 and isinstance(cfg.train.lr, float) and cfg.train.mu == 0.5
+    assert parse_yaml("x: 1e3")["x"] == 1000.0
+
+
+def test_dotted_overrides_apply_in_order(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  mu: 0.9\n")
+    cfg = load_config(path, ["train.mu=0.5", "train.lr=2e-5", "eval.rewards=[synthetic, pickscore]"])
+    assert cfg.train.mu == 0.5 and cfg.train.lr == 2e-5 and cfg.eval.rewards == ["synthetic", "pickscore"]
+
+
+def test_malformed_override_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        load_config(None, ["train.mu"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  mu: 0.9\n")
+    with pytest.raises(ConfigError, match="is not a section"):
+        load_config(path, ["train.mu.x=1"])
+
+
+def test_variant_names_and_lookup():
+    with pytest.raises(ConfigError, match="unknown variant 'nope'"):
+        load_config(None).train.for_variant("nope")
+    with pytest.raises(ConfigError, match="must be letters"):
+        validate_config({"train": {"variants": {"a/b": {}}}})
+
+
+def test_empty_sections_take_defaults(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("data:\ntrain:\n")
+    assert load_config(path).train.mu == 0.9
+
+
+def test_unquoted_yaml_off_means_off(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  safeguard: off\n  mixed_precision: no\n  variants:\n    a:\n      safeguard: off\n")
+    cfg = load_config(path)
+    assert cfg.train.safeguard == "off" and cfg.train.mixed_precision == "no"
+    assert cfg.train.for_variant("a").safeguard == "off"
