@@ -1,0 +1,135 @@
+"""The toy base model of the embedded default: an ordinary SD1.5-family pipeline trained here, on a CPU, in minutes.
+
+It is pretrained (SFT) on every image of the synthetic train shards: the good renders and the bad ones, half and
+half. So it generates the right colour and shape, sometimes clean and centred, sometimes offset and rough:
+"recognisable but imperfect", which is what preference tuning needs to have something to improve. SCIENCE.md
+records how this recipe was chosen. The result is cached under a hash of everything that determines it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sdpo.config import Config, ToyBaseConfig
+
+RECIPE_VERSION = "toy-sd15-v1"  # bump when the recipe below changes, so stale caches are not reused
+
+
+def toy_base_key(toy: ToyBaseConfig, resolution: int, data_digest: str) -> str:
+    """Cache key: the recipe version, the toy settings, the resolution and the training data digest."""
+    settings = toy.model_dump(mode="json", exclude={"cache_dir"})
+    blob = json.dumps({"recipe": RECIPE_VERSION, "toy": settings, "resolution": resolution, "data": data_digest},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _to_pixels(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def _train_vae(vae, pixels: torch.Tensor, toy: ToyBaseConfig, gen: torch.Generator, log: Callable[[str], None]):
+    """Reconstruction + a small KL term; then set ``scaling_factor`` so latents have unit variance, as SD does."""
+    opt = torch.optim.AdamW(vae.parameters(), lr=toy.lr)
+    vae.train()
+    for step in range(1, toy.vae_steps + 1):
+        idx = torch.randint(0, pixels.shape[0], (toy.batch_size,), generator=gen)
+        x = pixels[idx]
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)).sample
+        rec = torch.nn.functional.mse_loss(recon, x)
+        loss = rec + 1e-6 * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 100 == 0 or step == toy.vae_steps:
+            log(f"  vae step {step}/{toy.vae_steps}: recon mse {rec.item():.4f}")
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(pixels[i : i + 256]).latent_dist.mean for i in range(0, len(pixels), 256)])
+    scaling = float(1.0 / latents.std())
+    vae.register_to_config(scaling_factor=scaling)
+    return latents * scaling
+
+
+def _train_unet(unet, scheduler, latents: torch.Tensor, cond: torch.Tensor, toy: ToyBaseConfig,
+                gen: torch.Generator, log: Callable[[str], None]) -> None:
+    opt = torch.optim.AdamW(unet.parameters(), lr=toy.lr)
+    unet.train()
+    n_train = scheduler.config.num_train_timesteps
+    for step in range(1, toy.unet_steps + 1):
+        idx = torch.randint(0, latents.shape[0], (toy.batch_size,), generator=gen)
+        x0 = latents[idx]
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, n_train, (toy.batch_size,), generator=gen)
+        noisy = scheduler.add_noise(x0, noise, t)
+        pred = unet(noisy, t, encoder_hidden_states=cond[idx]).sample
+        loss = torch.nn.functional.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 250 == 0 or step == toy.unet_steps:
+            log(f"  unet step {step}/{toy.unet_steps}: eps mse {loss.item():.4f}")
+    unet.eval()
+
+
+def pretrain_toy_base(images: np.ndarray, captions: list[str], out_dir: str | Path, *, toy: ToyBaseConfig,
+                      resolution: int, vocabulary: list[str], log: Callable[[str], None] = print) -> Path:
+    """Build the toy pipeline (``sdpo.models.tiny.build_toy_sd15``) and train its VAE, then its UNet.
+
+    ``images`` are uint8 ``[N, R, R, 3]`` with one caption each. Writes a diffusers folder to ``out_dir``.
+    """
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+    from sdpo.models._atomic import atomic_directory
+    from sdpo.models.tiny import build_toy_sd15
+
+    out_dir = Path(out_dir)
+    gen = torch.Generator().manual_seed(toy.seed)
+    with atomic_directory(out_dir) as tmp:
+        build_toy_sd15(str(tmp / "init"), vocabulary=vocabulary, resolution=resolution, seed=toy.seed)
+        pipe = StableDiffusionPipeline.from_pretrained(str(tmp / "init"))
+        shutil.rmtree(tmp / "init")
+        pixels = _to_pixels(images)
+        tic = time.perf_counter()
+        latents = _train_vae(pipe.vae, pixels, toy, gen, log)
+        log(f"  vae trained in {time.perf_counter() - tic:.0f}s (scaling_factor {pipe.vae.config.scaling_factor:.3f})")
+        with torch.no_grad():
+            unique = sorted(set(captions))
+            ids = pipe.tokenizer(unique, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                                 truncation=True, return_tensors="pt").input_ids
+            table = dict(zip(unique, pipe.text_encoder(ids)[0], strict=True))
+            cond = torch.stack([table[c] for c in captions])
+        tic = time.perf_counter()
+        _train_unet(pipe.unet, DDPMScheduler.from_config(pipe.scheduler.config), latents, cond, toy, gen, log)
+        log(f"  unet trained in {time.perf_counter() - tic:.0f}s")
+        pipe.save_pretrained(str(tmp))
+    return out_dir
+
+
+def ensure_toy_base(cfg: Config, shards_dir: str | Path, *, cache_dir: str | Path | None = None,
+                    log: Callable[[str], None] = print) -> Path:
+    """The toy base for the train shards in ``shards_dir``: reused from the cache when its key matches."""
+    from sdpo.data import synthetic
+    from sdpo.data.loader import load_pairs_arrays
+    from sdpo.data.shards import dataset_digest
+
+    toy = cfg.model.toy
+    key = toy_base_key(toy, cfg.data.resolution, dataset_digest(shards_dir))
+    target = Path(cache_dir or toy.cache_dir) / key
+    if (target / "model_index.json").exists():
+        log(f"toy base: cached at {target}")
+        return target
+    log(f"toy base: training into {target} (cached afterwards)")
+    pairs = load_pairs_arrays(shards_dir)
+    images = np.concatenate([pairs["win"], pairs["lose"]])
+    captions = list(pairs["caption"]) * 2
+    return pretrain_toy_base(images, captions, target, toy=toy, resolution=cfg.data.resolution,
+                             vocabulary=list(synthetic.VOCABULARY), log=log)

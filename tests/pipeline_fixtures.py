@@ -1,0 +1,54 @@
+"""Session fixtures shared by the training, flow and DVC tests: synthetic shards and the toy base model.
+
+The toy base is built once per test session with the repository's params.yaml (the embedded default), so the
+pathology test runs on exactly the model `make run` builds.
+"""
+
+from pathlib import Path
+
+import pytest
+
+from sdpo.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_shards(out: Path, *, pairs: int, seed: int, split: str, resolution: int) -> Path:
+    from sdpo.data.pickapic import ingest
+    from sdpo.data.synthetic import make_pairs, write_parquet
+
+    parquet = write_parquet(make_pairs(pairs, seed, split=split, resolution=resolution), out / f"{split}.parquet")
+    ingest(str(parquet), out / split, resolution=resolution)
+    return out / split
+
+
+@pytest.fixture(scope="session")
+def toy_shards(tmp_path_factory) -> dict[str, Path]:
+    """Train and held-out shards of the synthetic world with the default params."""
+    cfg = load_config(ROOT / "params.yaml")
+    out = tmp_path_factory.mktemp("toy-shards")
+    syn = cfg.data.synthetic
+    return {
+        "train": make_shards(out, pairs=syn.train_pairs, seed=syn.seed, split="train", resolution=cfg.data.resolution),
+        "heldout": make_shards(out, pairs=syn.heldout_pairs, seed=syn.seed, split="heldout",
+                               resolution=cfg.data.resolution),
+    }
+
+
+@pytest.fixture(scope="session")
+def toy_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("toy-cache")
+
+
+@pytest.fixture(scope="session")
+def toy_base(toy_shards, toy_cache) -> Path:
+    """The toy base model, pretrained with the default params (a few minutes, once per session)."""
+    from sdpo.train.pretrain import ensure_toy_base
+
+    return ensure_toy_base(load_config(ROOT / "params.yaml"), toy_shards["train"], cache_dir=toy_cache)
+
+
+@pytest.fixture(scope="session")
+def small_shards(tmp_path_factory) -> Path:
+    """A few 32 px pairs for the tiny model families."""
+    return make_shards(tmp_path_factory.mktemp("small-shards"), pairs=12, seed=3, split="train", resolution=32)
