@@ -1,0 +1,360 @@
+"""Loading preference pairs from shards: random access, a resumable DDP-safe batch loader, and a streaming pipeline.
+
+- :class:`PairDataset` indexes the tar members of a dataset folder (byte offsets) for random access.
+- :class:`PairLoader` is what the trainer uses: an infinite, deterministic iterator of batches whose position is a
+  small cursor (``state_dict``), so a resumed run continues exactly where it stopped without replaying data.
+- :func:`webdataset_pipeline` streams shards (local paths or URLs) with WebDataset; it is the multi-node path for
+  data too large to index, with node splitting by rank.
+- :func:`load_pairs_arrays` stacks (some of) a dataset into arrays, for the toy pretraining and held-out metrics.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+from collections.abc import Iterator, Sequence
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from sdpo.data.shards import dataset_digest, index_shard, list_shards, read_manifest
+from sdpo.errors import DataError
+
+_FIELDS = ("win", "lose", "txt", "json")
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """PNG/JPEG bytes -> RGB uint8 array HxWx3."""
+    with Image.open(BytesIO(data)) as image:
+        return np.array(image.convert("RGB"))
+
+
+def _field_names(fields: Sequence[str]) -> dict[str, str]:
+    """``["win.png", "lose.png", "txt", "json"]`` -> ``{"win": "win.png", ...}``."""
+    by_stem = {name.split(".", 1)[0]: name for name in fields}
+    return {stem: by_stem[stem] for stem in _FIELDS if stem in by_stem}
+
+
+class PairDataset(Dataset):
+    """Random access to the pairs of a dataset folder written by ``sdpo ingest``.
+
+    ``dataset[i]`` is ``{"win": uint8 HxWx3, "lose": uint8 HxWx3, "caption": str, "key": str, "meta": dict}``.
+    Reads use ``os.pread`` on per-process file descriptors, so the dataset is safe in DataLoader workers.
+    """
+
+    def __init__(self, shards_dir: str | Path):
+        self.root = Path(shards_dir)
+        self.manifest: dict[str, Any] = read_manifest(self.root)
+        self.digest = dataset_digest(self.root)
+        self.shard_paths = list_shards(self.root)
+        keys: list[str] = []
+        shard_ids: list[np.ndarray] = []
+        offsets: list[np.ndarray] = []
+        sizes: list[np.ndarray] = []
+        for shard_id, path in enumerate(self.shard_paths):
+            entries = index_shard(path)
+            table = np.zeros((len(entries), 2, len(_FIELDS)), dtype=np.int64)
+            for row, (key, members) in enumerate(entries):
+                names = _field_names(list(members))
+                if len(names) != len(_FIELDS):
+                    raise DataError(f"{path}: sample {key!r} has fields {sorted(members)}, expected {_FIELDS}")
+                for col, stem in enumerate(_FIELDS):
+                    ref = members[names[stem]]
+                    table[row, :, col] = (ref.offset, ref.size)
+                keys.append(key)
+            shard_ids.append(np.full(len(entries), shard_id, dtype=np.int32))
+            offsets.append(table[:, 0])
+            sizes.append(table[:, 1])
+        if len(keys) != self.manifest["pairs_written"]:
+            raise DataError(
+                f"{self.root}: shards hold {len(keys)} pairs, the manifest says {self.manifest['pairs_written']}"
+            )
+        self.keys = keys
+        self._shard_ids = np.concatenate(shard_ids) if shard_ids else np.zeros(0, np.int32)
+        self._offsets = np.concatenate(offsets) if offsets else np.zeros((0, len(_FIELDS)), np.int64)
+        self._sizes = np.concatenate(sizes) if sizes else np.zeros((0, len(_FIELDS)), np.int64)
+        self._fds: dict[int, int] = {}
+        self._fd_pid = os.getpid()
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_fds"] = {}  # descriptors do not travel to spawned workers; they reopen lazily
+        return state
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd_pid", None) == os.getpid():
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds = {}
+
+    def _fd(self, shard_id: int) -> int:
+        if self._fd_pid != os.getpid():  # forked worker: do not share (or close) the parent's descriptors
+            self._fds, self._fd_pid = {}, os.getpid()
+        if shard_id not in self._fds:
+            self._fds[shard_id] = os.open(self.shard_paths[shard_id], os.O_RDONLY)
+        return self._fds[shard_id]
+
+    def read_fields(self, i: int) -> dict[str, bytes]:
+        """The raw bytes of sample ``i``: ``{"win", "lose", "txt", "json"}``."""
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"pair index {i} out of range for {len(self)} pairs")
+        i = i % len(self)
+        fd = self._fd(int(self._shard_ids[i]))
+        return {
+            stem: os.pread(fd, int(self._sizes[i, col]), int(self._offsets[i, col])) for col, stem in enumerate(_FIELDS)
+        }
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        raw = self.read_fields(i)
+        return {
+            "win": decode_image(raw["win"]),
+            "lose": decode_image(raw["lose"]),
+            "caption": raw["txt"].decode("utf-8"),
+            "key": self.keys[i],
+            "meta": json.loads(raw["json"]),
+        }
+
+
+# --- the resumable loader -----------------------------------------------------------------------------------
+
+
+def _generator(seed: int, epoch: int, stream: str) -> torch.Generator:
+    """A torch generator for one (seed, epoch, purpose), independent of every other."""
+    digest = hashlib.sha256(f"{seed}:{epoch}:{stream}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "big") & (2**63 - 1))
+
+
+def collate_pairs(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack pairs into ``{"win", "lose": float32 [B, 3, H, W] in [-1, 1], "caption", "key": lists}``."""
+
+    def to_tensor(images: list[np.ndarray]) -> torch.Tensor:
+        batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float()
+        return batch / 127.5 - 1.0
+
+    return {
+        "win": to_tensor([item["win"] for item in items]),
+        "lose": to_tensor([item["lose"] for item in items]),
+        "caption": [item["caption"] for item in items],
+        "key": [item["key"] for item in items],
+    }
+
+
+class _FlippedView(Dataset):
+    """``view[(i, flip)]`` is ``dataset[i]`` mirrored left-right when ``flip`` (the winner and loser alike)."""
+
+    def __init__(self, dataset: PairDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: tuple[int, bool]) -> dict[str, Any]:
+        i, flip = index
+        item = self.dataset[i]
+        if flip:
+            item["win"] = np.ascontiguousarray(item["win"][:, ::-1])
+            item["lose"] = np.ascontiguousarray(item["lose"][:, ::-1])
+        return item
+
+
+class _CursorBatches(Sampler):
+    """Infinite batches of ``(index, flip)`` for one rank, starting at a cursor (epoch, batch)."""
+
+    def __init__(self, loader: PairLoader, epoch: int, batch: int):
+        self.loader, self.epoch, self.batch = loader, epoch, batch
+
+    def __iter__(self) -> Iterator[list[tuple[int, bool]]]:
+        epoch, start = self.epoch, self.batch
+        while True:
+            indices, flips = self.loader.epoch_plan(epoch)
+            for b in range(start, len(indices)):
+                yield [(int(i), bool(flips[i])) for i in indices[b]]
+            epoch, start = epoch + 1, 0
+
+
+class PairLoader:
+    """Infinite, deterministic, resumable batches of pairs for one rank of ``world_size``.
+
+    Epoch ``e`` visits a permutation of the pairs drawn from (seed, e), truncated to a multiple of
+    ``world_size * batch_size``: every rank gets ``batches_per_epoch`` batches and no pair twice in an epoch; global
+    batch ``b`` is ``world_size`` consecutive slices of the permutation and rank ``r`` takes slice ``r``. The optional
+    horizontal flip of a pair (the same for its winner and loser) is drawn from (seed, epoch, pair index).
+
+    Batches: ``{"win", "lose": float32 [B, 3, H, W] in [-1, 1], "caption": list[str], "key": list[str]}``.
+    :meth:`state_dict` is the position of the NEXT batch to hand out (prefetched batches are not counted); after
+    :meth:`load_state_dict` the next ``iter()`` starts right there. Use one iterator at a time.
+    """
+
+    def __init__(
+        self,
+        dataset: PairDataset,
+        batch_size: int,
+        seed: int,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        random_flip: bool = False,
+        num_workers: int = 0,
+        prefetch_factor: int = 2,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.random_flip = random_flip
+        self.num_workers = num_workers
+        self.prefetch_factor = prefetch_factor
+        self.batches_per_epoch = len(dataset) // (world_size * batch_size)
+        if self.batches_per_epoch == 0:
+            raise DataError(
+                f"{dataset.root}: {len(dataset)} pairs are fewer than one global batch "
+                f"(batch_size {batch_size} x world_size {world_size})"
+            )
+        self.epoch = 0
+        self.batch = 0
+
+    def epoch_plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """This rank's pair indices for ``epoch`` as ``[batches_per_epoch, batch_size]``, and flips per pair index."""
+        n = len(self.dataset)
+        order = torch.randperm(n, generator=_generator(self.seed, epoch, "order")).numpy()
+        global_batch = self.world_size * self.batch_size
+        order = order[: self.batches_per_epoch * global_batch].reshape(self.batches_per_epoch, global_batch)
+        mine = order[:, self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+        if self.random_flip:
+            flips = torch.randint(0, 2, (n,), generator=_generator(self.seed, epoch, "flip")).bool().numpy()
+        else:
+            flips = np.zeros(n, dtype=bool)
+        return mine, flips
+
+    def _advance(self) -> None:
+        self.batch += 1
+        if self.batch == self.batches_per_epoch:
+            self.epoch, self.batch = self.epoch + 1, 0
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        workers = self.num_workers
+        loader = DataLoader(
+            _FlippedView(self.dataset),
+            batch_sampler=_CursorBatches(self, self.epoch, self.batch),
+            collate_fn=collate_pairs,
+            num_workers=workers,
+            prefetch_factor=self.prefetch_factor if workers > 0 else None,
+        )
+        for batch in loader:
+            self._advance()
+            yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """The cursor: position of the next batch, and what it is only valid for."""
+        return {
+            "epoch": self.epoch,
+            "batch": self.batch,
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "world_size": self.world_size,
+            "num_pairs": len(self.dataset),
+            "dataset_digest": self.dataset.digest,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Jump to a saved cursor (no data is replayed); :class:`DataError` if it belongs to another setup."""
+        for name, mine in (
+            ("seed", self.seed),
+            ("batch_size", self.batch_size),
+            ("world_size", self.world_size),
+            ("num_pairs", len(self.dataset)),
+        ):
+            if state.get(name) != mine:
+                raise DataError(f"loader state: {name} is {state.get(name)!r} but this loader has {mine!r}")
+        epoch, batch = int(state["epoch"]), int(state["batch"])
+        if epoch < 0 or not 0 <= batch < self.batches_per_epoch:
+            raise DataError(
+                f"loader state: epoch {epoch}, batch {batch} out of range ({self.batches_per_epoch} per epoch)"
+            )
+        self.epoch, self.batch = epoch, batch
+
+
+# --- streaming (multi-node) ---------------------------------------------------------------------------------
+
+
+def _stream_pair(sample: dict[str, Any], seed: int, random_flip: bool) -> dict[str, Any]:
+    names = _field_names([k for k in sample if not k.startswith("__")])
+    win, lose = sample[names["win"]], sample[names["lose"]]
+    key = sample["__key__"]
+    if random_flip and hashlib.sha256(f"{seed}:{key}".encode()).digest()[0] & 1:
+        win, lose = np.ascontiguousarray(win[:, ::-1]), np.ascontiguousarray(lose[:, ::-1])
+    return {"win": win, "lose": lose, "caption": sample["txt"], "key": key, "meta": sample["json"]}
+
+
+def webdataset_pipeline(
+    urls: str | Path | Sequence[str],
+    batch_size: int,
+    seed: int,
+    *,
+    shuffle: bool = True,
+    shuffle_buffer: int = 1000,
+    random_flip: bool = False,
+    batches_per_epoch: int | None = None,
+) -> wds.WebDataset:
+    """Stream batches (same format as :class:`PairLoader`) from shards with WebDataset: the multi-node path.
+
+    ``urls`` is a dataset folder (its manifest lists the shards), or shard paths/URLs (``pipe:``, ``s3://`` via
+    gopen, brace patterns). Shards are split across ranks with ``wds.split_by_node`` and across DataLoader workers;
+    with ``shuffle`` the shard order (deterministic from ``seed`` and the epoch) and a sample buffer are shuffled.
+    Ranks may see different numbers of batches when shards are uneven, which hangs DDP: pass ``batches_per_epoch``
+    (repeats the stream and cuts every epoch to that many batches on each rank and worker). Wrap the result in
+    ``wds.WebLoader(pipeline, batch_size=None, num_workers=K)`` for worker processes.
+    """
+    if isinstance(urls, str | Path) and Path(urls).is_dir():
+        urls = [str(p) for p in list_shards(urls)]
+    elif isinstance(urls, Path):
+        urls = [str(urls)]
+    pipeline = wds.WebDataset(
+        urls,
+        nodesplitter=wds.split_by_node,
+        shardshuffle=100 if shuffle else False,
+        detshuffle=True,
+        seed=seed,
+        empty_check=False,
+    )
+    if shuffle:
+        pipeline = pipeline.shuffle(shuffle_buffer, seed=seed)
+    pipeline = pipeline.decode("rgb8").map(functools.partial(_stream_pair, seed=seed, random_flip=random_flip))
+    pipeline = pipeline.batched(batch_size, collation_fn=collate_pairs, partial=False)
+    if batches_per_epoch is not None:
+        pipeline = pipeline.with_epoch(nbatches=batches_per_epoch)  # repeats the stream as needed
+    return pipeline
+
+
+# --- arrays -------------------------------------------------------------------------------------------------
+
+
+def load_pairs_arrays(shards_dir: str | Path, n: int | None = None) -> dict[str, Any]:
+    """The first ``n`` pairs (all if None) as ``{"win", "lose": uint8 [N, H, W, 3], "caption", "key": lists}``."""
+    dataset = PairDataset(shards_dir)
+    count = len(dataset) if n is None else min(n, len(dataset))
+    items = [dataset[i] for i in range(count)]
+    resolution = dataset.manifest["resolution"]
+    empty = np.zeros((0, resolution, resolution, 3), np.uint8)
+    return {
+        "win": np.stack([item["win"] for item in items]) if items else empty,
+        "lose": np.stack([item["lose"] for item in items]) if items else empty.copy(),
+        "caption": [item["caption"] for item in items],
+        "key": [item["key"] for item in items],
+    }

@@ -1,0 +1,283 @@
+"""Sample a model on fixed (prompt, seed) units, score every image with the configured rewards, write an eval folder.
+
+Output folder (written to a temporary sibling, then renamed into place)::
+
+    images/p00003_s1234.png   one PNG per (prompt index, seed)
+    manifest.json             model path and digest, prompts, seeds, generation settings, rewards
+    scores.jsonl              one row per image: prompt, prompt_index, seed, image, scores {reward: value}
+    metrics.json              {"rewards": {name: {mean, ci_low, ci_high, n}}, "heldout": {...}, "model_digest"}
+    grid.png                  sample grid: prompts (rows) x first seeds (columns)
+
+Guidance follows the diffusers convention: ``guidance_scale = 1.0`` means no classifier-free guidance and
+``uncond + s * (cond - uncond)`` is applied for s > 1. The public Diffusion-DPO/SDPO reference code writes
+``cond + s' * (cond - uncond)``, so its s' equals our ``guidance_scale - 1``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from sdpo.config import ConfigError, EvalConfig
+from sdpo.errors import DataError, ModelError
+from sdpo.eval.rewards import load_reward
+from sdpo.eval.rewards.weights import folder_digest
+from sdpo.eval.winrate import bootstrap_ci
+
+SCHEMA_VERSION = 1
+GUIDANCE_CONVENTION = "diffusers: 1.0 = no guidance; reference-code s = guidance_scale - 1"
+GRID_MAX_PROMPTS = 16
+GRID_MAX_SEEDS = 4
+GRID_MIN_CELL = 64  # tiny images are upscaled (nearest) so the grid is readable in MLflow and cards
+SCORE_CHUNK = 256  # images read back and scored per call
+
+
+@dataclass(frozen=True)
+class ImageUnit:
+    """One image to generate: a prompt (by index) and a seed."""
+
+    prompt_index: int
+    prompt: str
+    seed: int
+
+    @property
+    def image_name(self) -> str:
+        return f"images/p{self.prompt_index:05d}_s{self.seed}.png"
+
+
+def resolve_prompts(spec: str) -> list[str]:
+    """``"heldout"`` / ``"train"``: the synthetic world's prompt sets; otherwise a text file, one prompt a line."""
+    if spec in ("heldout", "train"):
+        from sdpo.data.synthetic import prompts
+
+        return prompts(spec)
+    path = Path(spec)
+    if not path.is_file():
+        raise DataError(f"{spec}: prompt file not found (or use the synthetic sets 'heldout' / 'train')")
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    prompts_ = [line for line in lines if line]
+    if not prompts_:
+        raise DataError(f"{path}: no prompts (expected one prompt a line)")
+    return prompts_
+
+
+def eval_seeds(cfg: EvalConfig) -> list[int]:
+    """The fixed seeds every prompt is sampled with."""
+    return [cfg.seed + k for k in range(cfg.seeds_per_prompt)]
+
+
+def plan_units(prompts: Sequence[str], seeds: Sequence[int]) -> list[ImageUnit]:
+    """Every (prompt, seed) unit, prompt-major."""
+    return [ImageUnit(i, prompt, seed) for i, prompt in enumerate(prompts) for seed in seeds]
+
+
+def load_pipeline(model_dir: Path, scheduler: str, device: torch.device):
+    """A diffusers pipeline from a local folder (offline), with the evaluation scheduler installed.
+
+    ``ddim`` / ``euler`` replace the scheduler (keeping its noise schedule and prediction type); flow-matching
+    pipelines keep their FlowMatch scheduler, which those names do not apply to; ``default`` keeps whatever is saved.
+    """
+    from diffusers import DDIMScheduler, DiffusionPipeline, EulerDiscreteScheduler
+
+    if not (model_dir / "model_index.json").is_file():
+        raise ModelError(f"{model_dir}: not a diffusers pipeline folder (model_index.json is missing)")
+    try:
+        pipe = DiffusionPipeline.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32)
+    except (OSError, ValueError) as err:
+        raise ModelError(f"{model_dir}: cannot load the pipeline: {err}") from err
+    is_flow_matching = "FlowMatch" in type(pipe.scheduler).__name__
+    if scheduler != "default" and not is_flow_matching:
+        scheduler_class = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler}[scheduler]
+        pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def pipeline_resolution(pipe) -> int:
+    """Default image side of a pipeline: the denoiser's sample size times the VAE scale factor."""
+    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    if denoiser is None:
+        raise ModelError(f"{type(pipe).__name__}: no unet or transformer to read the sample size from")
+    return int(denoiser.config.sample_size * pipe.vae_scale_factor)
+
+
+def generation_settings(pipe, cfg: EvalConfig) -> dict[str, Any]:
+    """Everything about sampling that must match for two evaluation folders to be comparable (and a bit more)."""
+    return {
+        "pipeline": type(pipe).__name__,
+        "scheduler": cfg.scheduler,
+        "scheduler_class": type(pipe.scheduler).__name__,
+        "num_inference_steps": cfg.num_inference_steps,
+        "guidance_scale": cfg.guidance_scale,
+        "guidance_convention": GUIDANCE_CONVENTION,
+        "resolution": pipeline_resolution(pipe),
+        "dtype": "float32",
+    }
+
+
+def generate_images(
+    pipe, units: Sequence[ImageUnit], settings: dict[str, Any], batch_size: int
+) -> Iterator[tuple[ImageUnit, Image.Image]]:
+    """Sample ``units`` in batches; one CPU generator per image so an image does not depend on its batch."""
+    for start in range(0, len(units), batch_size):
+        batch = units[start : start + batch_size]
+        generators = [torch.Generator(device="cpu").manual_seed(unit.seed) for unit in batch]
+        with torch.no_grad():
+            output = pipe(
+                prompt=[unit.prompt for unit in batch],
+                num_inference_steps=settings["num_inference_steps"],
+                guidance_scale=settings["guidance_scale"],
+                height=settings["resolution"],
+                width=settings["resolution"],
+                generator=generators,
+                output_type="pil",
+            )
+        yield from zip(batch, output.images, strict=True)
+
+
+def score_units(folder: Path, units: Sequence[ImageUnit], cfg: EvalConfig, device: torch.device) -> list[dict]:
+    """Score the saved images of ``units`` with every configured reward, one reward model in memory at a time."""
+    rows = [
+        {"prompt": u.prompt, "prompt_index": u.prompt_index, "seed": u.seed, "image": u.image_name, "scores": {}}
+        for u in units
+    ]
+    for name in cfg.rewards:
+        reward = load_reward(name, cfg.reward_paths.get(name), cfg.reward_sha256.get(name), device=device)
+        for start in range(0, len(units), SCORE_CHUNK):
+            chunk = units[start : start + SCORE_CHUNK]
+            images = [Image.open(folder / u.image_name).convert("RGB") for u in chunk]
+            scores = np.asarray(reward.score(images, [u.prompt for u in chunk]), dtype=np.float64)
+            for row, value in zip(rows[start : start + SCORE_CHUNK], scores, strict=True):
+                row["scores"][name] = float(value)
+        del reward
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def reward_metrics(rows: list[dict], rewards: Sequence[str], bootstrap_samples: int, seed: int) -> dict[str, Any]:
+    """Mean and bootstrap 95% interval over images of every reward."""
+    metrics = {}
+    for name in rewards:
+        values = np.array([row["scores"][name] for row in rows], dtype=np.float64)
+        low, high = bootstrap_ci(values, bootstrap_samples, seed)
+        metrics[name] = {"mean": float(values.mean()), "ci_low": low, "ci_high": high, "n": int(values.size)}
+    return metrics
+
+
+def write_grid(folder: Path, prompts: Sequence[str], seeds: Sequence[int], path: Path) -> None:
+    """grid.png: the first prompts (rows) by the first seeds (columns)."""
+    from diffusers.utils import make_image_grid
+
+    rows, cols = min(len(prompts), GRID_MAX_PROMPTS), min(len(seeds), GRID_MAX_SEEDS)
+    cells = [
+        Image.open(folder / ImageUnit(i, prompts[i], seed).image_name).convert("RGB")
+        for i in range(rows)
+        for seed in seeds[:cols]
+    ]
+    side = max(cells[0].width, GRID_MIN_CELL)
+    if cells[0].width < side:
+        cells = [cell.resize((side, side * cell.height // cell.width), Image.Resampling.NEAREST) for cell in cells]
+    make_image_grid(cells, rows=rows, cols=cols).save(path)
+
+
+def write_results(folder: Path, manifest: dict[str, Any], rows: list[dict], metrics: dict[str, Any]) -> None:
+    """manifest.json, scores.jsonl, metrics.json and grid.png beside the images in ``folder``."""
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    (folder / "scores.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_grid(folder, manifest["prompts"], manifest["seeds"], folder / "grid.png")
+
+
+def _replace_dir(tmp: Path, out_dir: Path) -> None:
+    """Move the finished ``tmp`` folder to ``out_dir``, replacing an older result."""
+    old = out_dir.with_name(f".{out_dir.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if out_dir.exists():
+        out_dir.rename(old)
+    tmp.rename(out_dir)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def evaluate(
+    model_dir: str | Path,
+    prompts: list[str],
+    out_dir: str | Path,
+    cfg: EvalConfig,
+    *,
+    base_dir: str | Path | None = None,
+    heldout_shards: str | Path | None = None,
+) -> dict[str, Any]:
+    """Generate ``cfg.seeds_per_prompt`` images per prompt from ``model_dir``, score them, write ``out_dir``.
+
+    With ``base_dir`` and ``heldout_shards`` the held-out winner/loser error deltas against the base are added to
+    the metrics. Launched with several processes (``accelerate launch``), units are split between processes and the
+    main process writes the folder. Returns the metrics (also written to ``metrics.json``).
+    """
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+
+    if (base_dir is None) != (heldout_shards is None):
+        raise ConfigError(
+            "held-out deltas need both a base model folder and held-out shards (--base, --heldout-shards)"
+        )
+    if not prompts:
+        raise DataError("no prompts to evaluate")
+    model_dir, out_dir = Path(model_dir).resolve(), Path(out_dir).resolve()
+    if not model_dir.is_dir():
+        raise ModelError(f"{model_dir}: model folder not found")
+    # cpu=True lets torchrun / accelerate launch split work over CPU processes (gloo) as well as GPUs.
+    state = PartialState(cpu=not torch.cuda.is_available())
+    seeds = eval_seeds(cfg)
+    units = plan_units(prompts, seeds)
+    tmp = out_dir.with_name(f".{out_dir.name}.partial")
+    if state.is_main_process:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        (tmp / "images").mkdir(parents=True)
+    state.wait_for_everyone()
+
+    pipe = load_pipeline(model_dir, cfg.scheduler, state.device)
+    settings = generation_settings(pipe, cfg)
+    with state.split_between_processes(units) as my_units:
+        for unit, image in generate_images(pipe, my_units, settings, cfg.batch_size):
+            image.save(tmp / unit.image_name)
+        del pipe
+        my_rows = score_units(tmp, my_units, cfg, state.device)
+    rows = sorted(gather_object(my_rows), key=lambda row: (row["prompt_index"], row["seed"]))
+
+    if state.is_main_process:
+        metrics = {
+            "rewards": reward_metrics(rows, cfg.rewards, cfg.bootstrap_samples, cfg.seed),
+            "model_digest": folder_digest(model_dir),
+        }
+        if base_dir is not None:
+            from sdpo.train.heldout import heldout_deltas
+
+            metrics["heldout"] = heldout_deltas(
+                str(model_dir), str(base_dir), str(heldout_shards), n_pairs=cfg.heldout_pairs, seed=cfg.seed
+            )
+        manifest = {
+            "schema_version": SCHEMA_VERSION,
+            "model": str(model_dir),
+            "model_digest": metrics["model_digest"],
+            "prompts": list(prompts),
+            "seeds": seeds,
+            "settings": settings,
+            "rewards": list(cfg.rewards),
+            "n_images": len(units),
+        }
+        write_results(tmp, manifest, rows, metrics)
+        _replace_dir(tmp, out_dir)
+    state.wait_for_everyone()
+    return json.loads((out_dir / "metrics.json").read_text())
