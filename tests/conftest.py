@@ -11,3 +11,5 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ["GIT_PYTHON_REFRESH"] = "quiet"
+from mlflow_fixtures import mlflow_server, mlflow_tracking, tiny_pipeline_dir  # noqa: E402,F401
+from pipeline_fixtures import small_shards, toy_base, toy_cache, toy_shards  # noqa: E402,F401

@@ -1,0 +1,163 @@
+"""Run logging helpers against a real MLflow server."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+from mlflow_fixtures import write_eval_dir
+
+from sdpo.config import load_config
+from sdpo.errors import DataError
+from sdpo.tracking import runs
+
+
+def test_tracking_uri_defaults_to_sqlite_in_cwd(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert runs.tracking_uri() == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
+    assert runs.tracking_uri() == "http://mlflow.example:5000"
+
+
+def test_runs_go_to_their_experiment_and_nest(mlflow_tracking: str) -> None:
+    with runs.start_run("sdpo-test-nesting", "outer", tags={"sdpo.stage": "train"}) as outer:
+        with runs.start_run("another-experiment", "inner") as inner:
+            assert mlflow.active_run().info.run_id == inner.info.run_id
+        assert mlflow.active_run().info.run_id == outer.info.run_id
+    assert mlflow.active_run() is None
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("sdpo-test-nesting")
+    inner_run = client.get_run(inner.info.run_id)
+    assert outer.info.experiment_id == experiment.experiment_id
+    assert inner_run.info.experiment_id == experiment.experiment_id  # a child stays with its parent
+    assert inner_run.data.tags["mlflow.parentRunId"] == outer.info.run_id
+    assert client.get_run(outer.info.run_id).data.tags["sdpo.stage"] == "train"
+
+
+def test_resume_run_reopens_a_finished_run(mlflow_tracking: str) -> None:
+    with runs.start_run("sdpo-test-resume", "first") as first:
+        pass
+    with runs.resume_run(first.info.run_id):
+        mlflow.set_tag("later", "yes")
+        with runs.resume_run(first.info.run_id) as same:  # already active: no error, same run
+            assert same.info.run_id == first.info.run_id
+    assert MlflowClient().get_run(first.info.run_id).data.tags["later"] == "yes"
+
+
+def test_log_config_flattens_and_truncates(mlflow_tracking: str) -> None:
+    long_modules = [f"module_{i:04d}" for i in range(600)]  # JSON of this list is ~7000 characters
+    cfg = load_config(None, ["train.mu=0.5", f"model.lora.target_modules={json.dumps(long_modules)}"])
+    with runs.start_run("sdpo-test-config", "config") as run:
+        logged = runs.log_config(cfg)
+    params = MlflowClient().get_run(run.info.run_id).data.params
+    assert params == logged
+    assert params["train.mu"] == "0.5"
+    assert params["registry.guards.heldout_winner_delta"] == "0.002"
+    assert params["data.input"] == "null"
+    assert len(params["model.lora.target_modules"]) == runs.MAX_PARAM_VALUE_CHARS
+
+
+def test_log_data_manifest_records_a_dataset_with_its_digest(mlflow_tracking: str, tmp_path: Path) -> None:
+    shards_dir = tmp_path / "pairs"
+    shards_dir.mkdir()
+    manifest = {
+        "schema_version": 1,
+        "pairs_written": 12,
+        "shards": [
+            {"name": "pairs-000000.tar", "pairs": 8, "bytes": 4096, "sha256": "a" * 64},
+            {"name": "pairs-000001.tar", "pairs": 4, "bytes": 2048, "sha256": "b" * 64},
+        ],
+    }
+    path = shards_dir / "manifest.json"
+    path.write_text(json.dumps(manifest))
+    expected = hashlib.sha256(path.read_bytes()).hexdigest()
+    with runs.start_run("sdpo-test-data", "data") as run:
+        assert runs.log_data_manifest(path, name="pairs") == expected
+    logged = MlflowClient().get_run(run.info.run_id)
+    assert logged.data.tags["data.manifest_digest"] == expected
+    (dataset_input,) = logged.inputs.dataset_inputs
+    assert dataset_input.dataset.name == "pairs"
+    assert dataset_input.dataset.digest == expected[: runs.MAX_DATASET_DIGEST_CHARS]
+    assert json.loads(dataset_input.dataset.profile)["num_rows"] == 2
+    assert [tag.value for tag in dataset_input.tags if tag.key == "mlflow.data.context"] == ["training"]
+    artifacts = [a.path for a in MlflowClient().list_artifacts(run.info.run_id, "data/pairs")]
+    assert artifacts == ["data/pairs/manifest.json"]
+
+
+def test_log_data_manifest_rejects_a_file_without_shards(mlflow_tracking: str, tmp_path: Path) -> None:
+    path = tmp_path / "manifest.json"
+    path.write_text(json.dumps({"schema_version": 1}))
+    with runs.start_run("sdpo-test-data", "bad"), pytest.raises(DataError, match="manifest.json: .*'shards'"):
+        runs.log_data_manifest(path, name="pairs")
+
+
+def test_log_lineage_tags_dvc_lock_inputs(mlflow_tracking: str, tmp_path: Path) -> None:
+    lock = tmp_path / "dvc.lock"
+    lock.write_text(
+        "schema: '2.0'\n"
+        "stages:\n"
+        "  ingest:\n"
+        "    cmd: sdpo ingest\n"
+        "    deps:\n"
+        "    - path: data/raw/pairs.parquet\n"
+        "      md5: 0123456789abcdef0123456789abcdef\n"
+        "      size: 10\n"
+        "    - path: sdpo/data\n"
+        "      md5: fedcba9876543210fedcba9876543210.dir\n"
+        "    outs:\n"
+        "    - path: data/shards\n"
+        "      md5: 11111111111111111111111111111111.dir\n"
+    )
+    with runs.start_run("sdpo-test-lineage", "lineage") as run:
+        tags = runs.log_lineage(lock)
+        assert runs.log_lineage(tmp_path / "missing.lock") == {}
+    assert tags == {
+        "lineage.data/raw/pairs.parquet": "0123456789abcdef0123456789abcdef",
+        "lineage.sdpo/data": "fedcba9876543210fedcba9876543210.dir",
+    }
+    logged = MlflowClient().get_run(run.info.run_id).data.tags
+    assert {k: v for k, v in logged.items() if k.startswith("lineage.")} == tags
+
+
+def test_log_eval_dir_logs_metrics_and_small_files(mlflow_tracking: str, tmp_path: Path) -> None:
+    eval_dir = write_eval_dir(tmp_path / "eval", [0.5] * 16, heldout={"winner_delta": -0.002, "loser_delta": 0.001})
+    with runs.start_run("sdpo-test-eval", "eval") as run:
+        flat = runs.log_eval_dir(eval_dir)
+    client = MlflowClient()
+    logged = client.get_run(run.info.run_id).data
+    assert logged.metrics == flat
+    assert logged.metrics["reward.synthetic.mean"] == pytest.approx(0.5)
+    assert logged.metrics["reward.synthetic.n"] == 16
+    assert logged.metrics["heldout.winner_delta"] == pytest.approx(-0.002)
+    assert logged.tags["eval.model_digest"] == "sha256:" + "0" * 64
+    names = sorted(a.path for a in client.list_artifacts(run.info.run_id, "eval"))
+    assert names == ["eval/grid.png", "eval/manifest.json", "eval/metrics.json", "eval/scores.jsonl"]
+
+
+def test_log_metrics_history_logs_steps_and_skips_non_finite(mlflow_tracking: str, tmp_path: Path) -> None:
+    history = tmp_path / "metrics.jsonl"
+    rows = [
+        {"step": 0, "loss": 0.69, "lambda_mean": 1.0, "method": "dpo"},
+        {"step": 10, "loss": 0.5, "lambda_mean": 0.4},
+        {"step": 20, "loss": math.nan, "lambda_mean": 0.3},
+    ]
+    history.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    with runs.start_run("sdpo-test-history", "history") as run:
+        assert runs.log_metrics_history(history) == 5
+    client = MlflowClient()
+    loss = client.get_metric_history(run.info.run_id, "loss")
+    assert [(m.step, m.value) for m in sorted(loss, key=lambda m: m.step)] == [(0, 0.69), (10, 0.5)]
+    assert len(client.get_metric_history(run.info.run_id, "lambda_mean")) == 3
+
+
+def test_log_metrics_history_names_the_bad_line(mlflow_tracking: str, tmp_path: Path) -> None:
+    history = tmp_path / "metrics.jsonl"
+    history.write_text('{"step": 0, "loss": 1.0}\n{"loss": 2.0}\n')
+    with runs.start_run("sdpo-test-history", "bad"), pytest.raises(DataError, match=r"metrics.jsonl:2: .*'step'"):
+        runs.log_metrics_history(history)
