@@ -15,6 +15,8 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 export GIT_PYTHON_REFRESH := quiet
+# Idle OpenMP threads sleep instead of spinning: parallel flow branches on a small CPU otherwise slow each other 10x.
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: setup run test lint mlflow-ui bench clean
 

@@ -34,7 +34,7 @@ class SDPOFlow(FlowSpec):
     sdpo_params = Config("sdpo_params", default=str(PROJECT_ROOT / "params.yaml"), parser=parse_params,
                     help="parameter file (params.yaml schema)")
     overrides = Parameter("set", default="", help="dotted overrides, space separated: 'train.mu=0.5 train.steps=100'")
-    run_dir = Parameter("run-dir", default="", help="where this run's data and models go (default: DATA_ROOT/runs/ID)")
+    run_dir = Parameter("run_dir", default="", help="where this run's data and models go (default: DATA_ROOT/runs/ID)")
 
     # --- helpers ----------------------------------------------------------------------------------------------
 
@@ -49,7 +49,7 @@ class SDPOFlow(FlowSpec):
     def start(self):
         """Resolve the configuration and the run folder; plan the ingestion."""
         from sdpo.config import apply_overrides, config_to_dict, validate_config
-        from sdpo.pipeline import ingest_plan, resolve_root
+        from sdpo.pipeline import ingest_plan, init_tracking, resolve_root
 
         raw = apply_overrides(json.loads(json.dumps(dict(self.sdpo_params))), self.overrides.split())
         cfg = validate_config(raw, "params.yaml with --set overrides")
@@ -62,6 +62,7 @@ class SDPOFlow(FlowSpec):
         self.params_file = str(Path(self.root) / "params.resolved.json")
         Path(self.params_file).write_text(json.dumps(self.resolved, indent=2, sort_keys=True))
         self.items = ingest_plan(cfg)
+        init_tracking(cfg)  # create the MLflow store once, before parallel steps write to it
         self.t_start = time.time()
         self.next(self.ingest, foreach="items")
 
@@ -111,8 +112,10 @@ class SDPOFlow(FlowSpec):
     def train(self):
         """One variant of the experiment (the base arm passes through untouched, as the comparison baseline)."""
         from sdpo.pipeline import BASE_ARM, train_arm
+        from sdpo.runtime import share_cpu
 
         self.arm = self.input
+        share_cpu(len(self.arms) - 1)  # the variants train side by side on a local CPU
         self.summary = {}
         if self.arm == BASE_ARM:
             self.model_dir = self.base_model
@@ -130,7 +133,9 @@ class SDPOFlow(FlowSpec):
     def evaluate(self):
         """Fixed-seed generation, rewards with bootstrap intervals, held-out winner/loser deltas vs the base."""
         from sdpo.pipeline import evaluate_arm
+        from sdpo.runtime import share_cpu
 
+        share_cpu(len(self.arms))
         self.eval_dir = str(Path(self.root) / "evals" / self.arm)
         heldout = Path(self.shards["heldout"]) if "heldout" in self.shards else None
         self.metrics = evaluate_arm(self._cfg(), self.model_dir, Path(self.eval_dir), base=self.base_model,

@@ -31,6 +31,17 @@ def resolve_root(path: str, project_root: Path) -> Path:
     return p if p.is_absolute() else project_root / p
 
 
+def init_tracking(cfg: Config) -> str:
+    """Create the MLflow store and experiment now, so parallel steps do not race to migrate a new database."""
+    import mlflow
+
+    from sdpo.tracking.runs import configure
+
+    uri = configure()
+    mlflow.set_experiment(cfg.registry.experiment)
+    return uri
+
+
 # --- data ---------------------------------------------------------------------------------------------------
 
 

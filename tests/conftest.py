@@ -11,5 +11,10 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ["GIT_PYTHON_REFRESH"] = "quiet"
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: no spinning threads under contention
+# Metaflow's vendored typing_extensions patches `typing`; torch and diffusers imported for the first time after it
+# fail ("Type parameter ... without a default follows type parameter with a default"). Import them first.
+import diffusers  # noqa: E402,F401
+import torch  # noqa: E402,F401
 from mlflow_fixtures import mlflow_server, mlflow_tracking, tiny_pipeline_dir  # noqa: E402,F401
 from pipeline_fixtures import small_shards, toy_base, toy_cache, toy_shards  # noqa: E402,F401
