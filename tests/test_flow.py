@@ -1,12 +1,15 @@
 """The Metaflow flow end to end through metaflow.Runner, in an isolated datastore, against a real MLflow server."""
 
+import base64
 import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
 import pytest
 from metaflow import Runner
-from metaflow.cards import get_cards
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = " ".join([
@@ -71,25 +74,24 @@ def test_registered_model_loads_by_alias_and_generates(flow_run, mlflow_server):
     assert len(out) == 1 and isinstance(out["image"][0], str)
 
 
-def test_card_has_report(flow_run):
-    run, _, env = flow_run
-    task = run["register"].task
-    old = os.environ.get("METAFLOW_DATASTORE_SYSROOT_LOCAL")
-    os.environ["METAFLOW_DATASTORE_SYSROOT_LOCAL"] = env["METAFLOW_DATASTORE_SYSROOT_LOCAL"]
-    try:
-        cards = get_cards(task, id="report")
-        html = cards[0].get()
-    finally:
-        if old is None:
-            os.environ.pop("METAFLOW_DATASTORE_SYSROOT_LOCAL")
-        else:
-            os.environ["METAFLOW_DATASTORE_SYSROOT_LOCAL"] = old
-    for text in ("Diffusion-SDPO run", "win rate vs base", "Promotion", "dpo-sdpo"):
-        assert text in html
+def test_card_has_report(flow_run, tmp_path):
+    run, tmp, env = flow_run
+    out = tmp_path / "card.html"
+    cmd = [sys.executable, str(ROOT / "flows" / "sdpo_flow.py"), "card", "get", f"{run.id}/register", "--id", "report",
+           str(out)]
+    proc = subprocess.run(cmd, env={**os.environ, **env}, cwd=str(tmp), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    match = re.search(r'window\.__MF_DATA__\["[^"]+"\] = "([A-Za-z0-9+/=]+)"', out.read_text())
+    assert match, "card HTML without embedded data"
+    data = base64.b64decode(match.group(1)).decode()
+    for text in ("Diffusion-SDPO run", "win rate vs base", "Promotion", "dpo-sdpo", "held-out m_w - r_w"):
+        assert text in data
+    assert '"type": "image"' in data and '"type": "vegaChart"' in data
 
 
 def test_bad_override_fails_fast_with_the_key(tmp_path):
     env = {**os.environ, "METAFLOW_DATASTORE_SYSROOT_LOCAL": str(tmp_path / "ds")}
     with Runner(str(ROOT / "flows" / "sdpo_flow.py"), env=env, cwd=str(tmp_path)).run(set="train.mu=1.5") as running:
         assert running.status == "failed"
-        assert "train.mu" in running.stderr and "less than or equal to 1" in running.stderr
+        output = running.stdout + running.stderr
+        assert "train.mu" in output and "less than or equal to 1" in output
