@@ -367,8 +367,8 @@ class Trainer:
                 "config": config_to_dict(self.cfg),
             }
             text = json.dumps(summary, indent=2, sort_keys=True)
+            # beside the model, not inside it: it holds timings, and the model folder must stay reproducible
             (self.output_dir / "training_summary.json").write_text(text)
-            (model_dir / "training_summary.json").write_text(text)
         acc.wait_for_everyone()
         return model_dir
 
