@@ -95,3 +95,17 @@ def test_bad_override_fails_fast_with_the_key(tmp_path):
         assert running.status == "failed"
         output = running.stdout + running.stderr
         assert "train.mu" in output and "less than or equal to 1" in output
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ("batch:gpu=1,image=sdpo:latest", "The @batch decorator requires --datastore=s3"),
+    ("kubernetes:gpu=1,image=sdpo:latest", "The @kubernetes decorator requires --datastore=s3"),
+])
+def test_cloud_gpu_execution_is_attached_from_the_command_line(tmp_path, spec, message):
+    """`--with batch/kubernetes` is accepted with no code change; offline, Metaflow stops at its datastore check."""
+    env = {**os.environ, "METAFLOW_DATASTORE_SYSROOT_LOCAL": str(tmp_path / "ds")}
+    proc = subprocess.run([sys.executable, str(ROOT / "flows" / "sdpo_flow.py"), "run", "--with", spec],
+                          env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert message in proc.stdout + proc.stderr
+    assert "Step start" not in proc.stdout  # nothing ran locally by mistake
