@@ -55,7 +55,7 @@ class ToyBaseConfig(_Section):
     """How ``sdpo pretrain`` builds the toy base model (only used when ``model.base`` is empty)."""
 
     vae_steps: int = Field(300, ge=0)
-    unet_steps: int = Field(1500, ge=0)
+    unet_steps: int = Field(600, ge=0)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(1e-3, gt=0)
     seed: int = 0
@@ -106,7 +106,7 @@ class TrainConfig(_Section):
         "dpo": VariantConfig(method="dpo", safeguard="off"),
         "dpo-sdpo": VariantConfig(method="dpo", safeguard="pair"),
     }
-    steps: int = Field(300, ge=1)
+    steps: int = Field(200, ge=1)
     batch_size: int = Field(16, ge=1)
     grad_accum: int = Field(1, ge=1)
     lr: float = Field(1e-5, gt=0)
