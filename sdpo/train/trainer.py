@@ -212,7 +212,8 @@ class Trainer:
         noisy = torch.cat([noisy_w, noisy_l])
         t2 = torch.cat([timesteps, timesteps])
         cond2 = {k: torch.cat([v, v]) for k, v in cond.items()}
-        with torch.no_grad(), self._reference() as reference:
+        # autocast explicitly: accelerate only wraps the prepared (policy) model's forward in it
+        with torch.no_grad(), self._reference() as reference, self.accelerator.autocast():
             ref_pred = self.model.predict(reference, noisy, t2, cond2)
         pred = self.model.predict(self.denoiser, noisy, t2, cond2)
         pred_w, pred_l = pred.chunk(2)
