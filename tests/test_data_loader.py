@@ -19,7 +19,6 @@ from sdpo.data.pickapic import ingest
 from sdpo.data.synthetic import judge_scores, make_pairs, write_parquet
 from sdpo.errors import DataError
 
-torch.set_num_threads(1)
 PAIRS = 150
 
 

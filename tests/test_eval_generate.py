@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from test_eval_support import build_tiny_clip
 
@@ -19,7 +18,6 @@ from sdpo.eval.rewards.weights import folder_digest
 from sdpo.eval.winrate import compare_eval_dirs
 from sdpo.models.tiny import build_tiny_pipeline
 
-torch.set_num_threads(1)
 PROMPTS = ["a red square", "a blue circle", "a green triangle"]
 
 

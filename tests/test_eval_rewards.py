@@ -17,7 +17,6 @@ from sdpo.eval.rewards.weights import copy_remote, folder_digest
 
 PROMPTS = ["a red circle", "blue square", "red", "a blue triangle on red"]
 
-torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,6 @@ from diffusers import DiffusionPipeline
 from sdpo.errors import ModelError
 from sdpo.models import build_tiny_pipeline, detect_family, load_model
 
-torch.set_num_threads(1)
-
 FAMILIES = ("sd15", "sd2", "sdxl", "sd3")
 RESOLUTION = 16
 LATENT_CHANNELS = {"sd15": 4, "sd2": 4, "sdxl": 4, "sd3": 16}

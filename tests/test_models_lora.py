@@ -18,8 +18,6 @@ from sdpo.models import (
     save_lora,
 )
 
-torch.set_num_threads(1)
-
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 RESOLUTION = 16
 

@@ -12,8 +12,6 @@ from transformers import CLIPTokenizer, T5TokenizerFast
 from sdpo.cli import main
 from sdpo.models import build_tiny_pipeline, build_toy_sd15, detect_family, load_model
 
-torch.set_num_threads(1)
-
 PIPELINE_CLASS = {
     "sd15": "StableDiffusionPipeline",
     "sd2": "StableDiffusionPipeline",
