@@ -81,7 +81,7 @@ class SDPOFlow(FlowSpec):
     @step
     def join_ingest(self, inputs):
         """One dataset per split (parts merged when real data was ingested in parallel)."""
-        from sdpo.pipeline import publish_split
+        from sdpo.pipeline import publish_split, record_datasets
 
         self.merge_artifacts(inputs, include=["resolved", "root", "t_start", "params_file"])
         cfg = self._cfg()
@@ -95,6 +95,8 @@ class SDPOFlow(FlowSpec):
             manifest = publish_split(cfg, dirs, out)
             self.shards[split] = str(out)
             self.data_manifests[split] = {k: manifest[k] for k in ("rows_read", "pairs_written", "skipped")}
+        # one ingest run records the dataset; parallel train steps then reuse its row instead of racing to create it
+        record_datasets(cfg, self.shards, run_name=f"ingest-{current.run_id}")
         self.next(self.base)
 
     @step

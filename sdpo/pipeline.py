@@ -99,6 +99,16 @@ def publish_split(cfg: Config, parts: list[str], out_dir: Path) -> dict[str, Any
     return manifest
 
 
+def record_datasets(cfg: Config, shards: dict[str, str], *, run_name: str) -> str:
+    """Log every split's manifest as an MLflow dataset input of one ingest run; returns the run id."""
+    from sdpo.tracking.runs import log_data_manifest, start_run
+
+    with start_run(cfg.registry.experiment, run_name) as run:
+        for split, folder in sorted(shards.items()):
+            log_data_manifest(Path(folder) / "manifest.json", name=f"{split}-shards")
+    return run.info.run_id
+
+
 # --- models -------------------------------------------------------------------------------------------------
 
 
@@ -143,7 +153,7 @@ def train_arm(cfg: Config, arm: str, *, shards: Path, heldout: Path | None, base
     with start_run(cfg.registry.experiment, f"train-{arm}", tags=experiment_tags) as run:
         log_config(cfg)
         mlflow.log_params({"variant": arm})
-        log_data_manifest(shards / "manifest.json", name="train-shards")
+        log_data_manifest(shards / "manifest.json", name="train-shards")  # the row exists: see record_datasets
         train(cfg, shards_dir=shards, base_model=base, output_dir=out_dir, variant=arm,
               heldout_shards=heldout, on_metrics=lambda row, step: mlflow.log_metrics(row, step=step))
         summary = json.loads((out_dir / "training_summary.json").read_text())
