@@ -54,8 +54,8 @@ class DataConfig(_Section):
 class ToyBaseConfig(_Section):
     """How ``sdpo pretrain`` builds the toy base model (only used when ``model.base`` is empty)."""
 
-    vae_steps: int = Field(300, ge=0)
-    unet_steps: int = Field(600, ge=0)
+    vae_steps: int = Field(200, ge=0)
+    unet_steps: int = Field(400, ge=0)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(1e-3, gt=0)
     seed: int = 0
