@@ -2,6 +2,8 @@
 
 import os
 
+import pytest
+
 # Metaflow rejects 'root' (CI runs as root) and reads the user when it is imported.
 os.environ.setdefault("METAFLOW_USER", "sdpo-test")
 os.environ.setdefault("USERNAME", "sdpo-test")
@@ -18,3 +20,12 @@ import diffusers  # noqa: E402,F401
 import torch  # noqa: E402,F401
 from mlflow_fixtures import mlflow_server, mlflow_tracking, tiny_pipeline_dir  # noqa: E402,F401
 from pipeline_fixtures import small_shards, toy_base, toy_cache, toy_shards  # noqa: E402,F401
+
+_TORCH_THREADS = torch.get_num_threads()
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """Some code under test (benchmarks, flow steps run in process) sets torch's thread count: undo it after each."""
+    yield
+    torch.set_num_threads(_TORCH_THREADS)
