@@ -47,3 +47,4 @@ def test_merge_is_deterministic_and_refuses_mixed_resolutions(tmp_path):
         merge_datasets([a, c], tmp_path / "m3")
     with pytest.raises(DataError, match="no parts"):
         merge_datasets([], tmp_path / "m4")
+

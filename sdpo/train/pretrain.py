@@ -114,15 +114,27 @@ def pretrain_toy_base(images: np.ndarray, captions: list[str], out_dir: str | Pa
     return out_dir
 
 
+def data_content_digest(shards_dir: str | Path) -> str:
+    """Digest of what the shards hold, independent of where they were made.
+
+    The manifest and the shards name their source files (paths differ from run to run), so the key uses the input
+    files' sha256, the ingestion settings and the pair count instead.
+    """
+    from sdpo.data.shards import read_manifest
+
+    manifest = read_manifest(shards_dir)
+    blob = json.dumps({"inputs": sorted(i["sha256"] for i in manifest["inputs"]), "config": manifest["config"],
+                       "pairs": manifest["pairs_written"]}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
 def ensure_toy_base(cfg: Config, shards_dir: str | Path, *, cache_dir: str | Path | None = None,
                     log: Callable[[str], None] = print) -> Path:
     """The toy base for the train shards in ``shards_dir``: reused from the cache when its key matches."""
     from sdpo.data import synthetic
     from sdpo.data.loader import load_pairs_arrays
-    from sdpo.data.shards import dataset_digest
-
     toy = cfg.model.toy
-    key = toy_base_key(toy, cfg.data.resolution, dataset_digest(shards_dir))
+    key = toy_base_key(toy, cfg.data.resolution, data_content_digest(shards_dir))
     target = Path(cache_dir or toy.cache_dir) / key
     if (target / "model_index.json").exists():
         log(f"toy base: cached at {target}")
