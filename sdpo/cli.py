@@ -14,7 +14,8 @@ from sdpo.errors import SdpoError
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
     """``--config params.yaml`` and repeated ``--set key=value`` overrides (dotted keys)."""
-    parser.add_argument("--config", default="params.yaml", help="parameter file (default: params.yaml)")
+    parser.add_argument("--config", default="params.yaml",
+                        help="parameter file (default: params.yaml); data.root in it says where the run lives")
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -23,6 +24,13 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override one parameter with a dotted key, e.g. --set train.mu=0.5 (repeatable)",
     )
+
+
+def load_context(args: argparse.Namespace):
+    """The :class:`sdpo.stages.StageContext` of ``--config`` and ``--set``."""
+    from sdpo.stages import StageContext
+
+    return StageContext.load(args.config, args.overrides)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,7 +1,9 @@
 """One typed schema for ``params.yaml``.
 
-Every entry point (CLI, Metaflow ``Config``, DVC stages) loads parameters through :func:`load_config`,
-so a typo, a wrong type or an out-of-range value fails in the same way everywhere, naming the key.
+Every entry point (CLI, Metaflow ``Config``, DVC stages) loads parameters through :func:`load_config` (or
+:func:`resolve_config` for text already read), so a typo, a wrong type, a non-finite number, an out-of-range value or
+two settings that contradict each other fail in the same way everywhere, before any work, naming the file and key.
+This schema is the only place a default lives: ``params.yaml`` spells out the same values (a test keeps them equal).
 Overrides use dotted keys (``train.mu=0.5``), as ``dvc exp run -S`` does.
 """
 
@@ -11,7 +13,6 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sdpo.errors import SdpoError
@@ -26,7 +27,7 @@ class ConfigError(SdpoError, ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class SyntheticConfig(_Section):
@@ -59,7 +60,7 @@ class ToyBaseConfig(_Section):
     batch_size: int = Field(32, ge=1)
     lr: float = Field(1e-3, gt=0)
     seed: int = 0
-    cache_dir: str = ".cache/toy-base"
+    cache_dir: str | None = None  # None: ROOT/cache/toy-base (a local folder or URI elsewhere shares one cache)
 
 
 class LoraConfig(_Section):
@@ -102,9 +103,10 @@ class TrainConfig(_Section):
     max_lambda: float = Field(1.0, ge=0)
     dspo_variant: Literal["sd15", "sdxl"] = "sd15"
     dspo_threshold: float = Field(0.1, ge=0)
+    # the arms an experiment trains side by side; unset fields inherit from this section
     variants: dict[str, VariantConfig] = {
-        "dpo": VariantConfig(method="dpo", safeguard="off"),
-        "dpo-sdpo": VariantConfig(method="dpo", safeguard="pair"),
+        "dpo": VariantConfig(safeguard="off"),
+        "dpo-sdpo": VariantConfig(safeguard="pair"),
     }
     steps: int = Field(200, ge=1)
     batch_size: int = Field(16, ge=1)
@@ -129,6 +131,9 @@ class TrainConfig(_Section):
     heldout_every: int = Field(50, ge=0)  # held-out winner/loser deltas; 0 disables
     heldout_pairs: int = Field(64, ge=1)
     dataloader_workers: int = Field(0, ge=0)
+    # accelerate config file (DDP/FSDP/DeepSpeed, e.g. infra/docker/accelerate/fsdp.yaml); null: with several GPUs
+    # on the machine, one DDP process per GPU, else training runs in process
+    accelerate_config: str | None = None
 
     _off = field_validator("safeguard", mode="before")(_yaml_off)
 
@@ -156,7 +161,7 @@ class TrainConfig(_Section):
 
 class EvalConfig(_Section):
     prompts: str = "heldout"  # "heldout" (synthetic held-out prompts) or a text file, one prompt a line
-    seeds_per_prompt: int = Field(4, ge=1)
+    seeds_per_prompt: int = Field(16, ge=1)
     seed: int = 1234
     scheduler: Literal["ddim", "euler", "default"] = "ddim"
     num_inference_steps: int = Field(20, ge=1)
@@ -191,50 +196,92 @@ class Config(_Section):
     def _empty_section(cls, value: Any) -> Any:
         return {} if value is None else value
 
+    @model_validator(mode="after")
+    def _consistent(self) -> Config:
+        """Settings that only make sense together: checked now, not after training and generation."""
+        from sdpo.eval.rewards import REWARDS, needs_weights
+        from sdpo.tracking.policy import guard_value
 
-# --- YAML: read floats the YAML 1.2 way ("2e-05" is a float, as dvc writes it) -----------------------------
+        problems: list[str] = []
+        rewards = self.eval.rewards
+        unknown = [name for name in rewards if name not in REWARDS]
+        if unknown:
+            problems.append(f"eval.rewards: unknown reward(s) {unknown}; known: {sorted(REWARDS)}")
+        if not rewards:
+            problems.append("eval.rewards: at least one reward is needed")
+        for section in ("reward_paths", "reward_sha256"):
+            stray = sorted(set(getattr(self.eval, section)) - set(REWARDS))
+            if stray:
+                problems.append(f"eval.{section}: unknown reward(s) {stray}; known: {sorted(REWARDS)}")
+        missing = [name for name in rewards if name in REWARDS and needs_weights(name)
+                   and name not in self.eval.reward_paths]
+        if missing:
+            problems.append(f"eval.reward_paths: no weights for {missing} (set eval.reward_paths.<name> to a folder "
+                            "or URI; nothing is downloaded)")
+        if self.registry.primary_reward not in rewards:
+            problems.append(f"registry.primary_reward: {self.registry.primary_reward!r} is not one of eval.rewards "
+                            f"{rewards}")
+        if self.registry.candidate not in self.train.variants:
+            problems.append(f"registry.candidate: {self.registry.candidate!r} is not a variant of train.variants "
+                            f"{sorted(self.train.variants)}")
+        for guard in self.registry.guards:
+            try:
+                guard_value({}, guard)
+            except ValueError as err:
+                problems.append(f"registry.guards: {err}")
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
 
 
-class _Yaml12Loader(yaml.SafeLoader):
-    pass
+# --- YAML: YAML 1.2 (``2e-05`` is a float, as dvc writes it), errors with file and line ---------------------
 
 
-_FLOAT_RE = re.compile(
-    r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
-    |[-+]?\.(?:inf|Inf|INF)
-    |\.(?:nan|NaN|NAN))$""",
-    re.X,
-)
-_Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_RE, list("-+0123456789."))
+def parse_yaml(text: str, source: str = "<string>") -> Any:
+    """Parse YAML 1.2 (ruamel.yaml); :class:`ConfigError` naming ``source``, line and column on a syntax error."""
+    from ruamel.yaml import YAML
+    from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
-
-def parse_yaml(text: str) -> Any:
-    """Parse YAML with YAML 1.2 float rules."""
-    return yaml.load(text, Loader=_Yaml12Loader)
+    try:
+        return YAML(typ="safe", pure=True).load(text)
+    except MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
+        raise ConfigError(f"{where}: invalid YAML: {err.problem or err.context}") from None
+    except YAMLError as err:
+        raise ConfigError(f"{source}: invalid YAML: {err}") from None
 
 
 # --- loading and overrides ----------------------------------------------------------------------------------
 
 
+def _split_override(item: str) -> tuple[str, str]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected KEY=VALUE with a dotted key, e.g. train.mu=0.5")
+    key, value = item.split("=", 1)
+    if not all(key.strip().split(".")):
+        raise ConfigError(f"override {item!r}: empty part in key {key!r}")
+    return key.strip(), value
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
-    """Apply ``a.b.c=value`` overrides to a raw parameter dict (values parsed as YAML)."""
-    for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r}: expected KEY=VALUE with a dotted key, e.g. train.mu=0.5")
-        key, value = item.split("=", 1)
-        parts = key.strip().split(".")
-        if not all(parts):
-            raise ConfigError(f"override {item!r}: empty part in key {key!r}")
-        node = raw
-        for part in parts[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {item!r}: {part!r} is not a section")
-            node = child
-        node[parts[-1]] = parse_yaml(value) if value.strip() else None
-    return raw
+    """Apply ``a.b.c=value`` overrides (values parsed as YAML, as OmegaConf dotlists are) to a raw dict."""
+    if not overrides:
+        return raw
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    merged = OmegaConf.create(raw)
+    for item in overrides:
+        key, value = _split_override(item)
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([f"{key}={value}"]))
+        except Exception as err:  # PyYAML (value) and OmegaConf (key) errors alike
+            detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+            if not isinstance(err, OmegaConfBaseException):
+                detail = f"value {value!r} is not valid YAML ({detail})"
+            raise ConfigError(f"override {item!r}: {detail}") from None
+    return OmegaConf.to_container(merged)
 
 
 def _format_error(err: ValidationError, source: str) -> str:
@@ -244,10 +291,13 @@ def _format_error(err: ValidationError, source: str) -> str:
         if e["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key")
             continue
-        msg = e["msg"]
+        msg = e["msg"].removeprefix("Value error, ")
         ctx = e.get("ctx") or {}
         if "expected" in ctx and str(ctx["expected"]) not in msg:
             msg = f"{msg} (allowed: {ctx['expected']})"
+        if e["type"] == "value_error" and not e["loc"]:
+            lines.extend(f"  {part}" for part in msg.split("\n"))
+            continue
         lines.append(f"  {key}: {msg}; got {e.get('input')!r}")
     return "\n".join(lines)
 
@@ -263,8 +313,13 @@ def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     return keys
 
 
+def schema_keys() -> list[str]:
+    """Every leaf key of the schema, dotted (``train.mu``, ``eval.rewards``...)."""
+    return _known_keys(Config)
+
+
 def validate_config(raw: dict[str, Any] | None, source: str = "<dict>") -> Config:
-    """Validate a raw parameter dict; raise :class:`ConfigError` naming each bad key."""
+    """Validate a raw parameter dict; raise :class:`ConfigError` naming ``source`` and each bad key."""
     if raw is not None and not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
     try:
@@ -279,22 +334,65 @@ def validate_config(raw: dict[str, Any] | None, source: str = "<dict>") -> Confi
         raise ConfigError(message) from None
 
 
+# Training keys that only matter in some setups: a --set of one of them that no variant uses changes nothing.
+_RELEVANT_WHEN: dict[str, Any] = {
+    "mu": lambda t: t.safeguard != "off",
+    "max_lambda": lambda t: t.safeguard != "off",
+    "safeguard": lambda t: t.method != "sft",
+    "beta": lambda t: t.method != "sft",
+    "alpha": lambda t: t.method == "dmpo",
+    "dspo_variant": lambda t: t.method == "dspo",
+    "dspo_threshold": lambda t: t.method == "dspo",
+}
+
+
+def _check_shadowed(cfg: Config, overrides: list[str], source: str) -> None:
+    """Refuse ``--set train.<key>=...`` when every variant sets its own value (the override would do nothing)."""
+    per_variant = set(VariantConfig.model_fields)
+    for item in overrides:
+        key, _ = _split_override(item)
+        parts = key.split(".")
+        if len(parts) != 2 or parts[0] != "train" or parts[1] not in per_variant or not cfg.train.variants:
+            continue
+        field = parts[1]
+        relevant = _RELEVANT_WHEN.get(field, lambda t: True)
+        used_by = [name for name, v in cfg.train.variants.items()
+                   if getattr(v, field) is None and relevant(cfg.train.for_variant(name))]
+        if not used_by:
+            own = {name: getattr(v, field) for name, v in cfg.train.variants.items() if getattr(v, field) is not None}
+            hint = " ".join(f"train.variants.{name}.{field}=..." for name in sorted(own)) or "a variant that uses it"
+            raise ConfigError(
+                f"{source}: override {item!r} changes nothing: "
+                + (f"every variant that uses train.{field} sets its own ({own}); " if own else
+                   f"no variant uses train.{field}; ")
+                + f"set it per variant instead, e.g. --set {hint.split()[0]}"
+            )
+
+
+def resolve_config(raw: dict[str, Any] | None, overrides: list[str] | None = None, source: str = "<dict>") -> Config:
+    """Apply dotted overrides to a raw parameter dict, validate, and refuse overrides that would do nothing."""
+    raw = apply_overrides(dict(raw or {}), overrides)
+    where = source + (" with --set " + " ".join(overrides) if overrides else "")
+    cfg = validate_config(raw, where)
+    _check_shadowed(cfg, overrides or [], where)
+    return cfg
+
+
+def read_params(path: str | Path) -> dict[str, Any]:
+    """The raw mapping of a parameter file (YAML 1.2); :class:`ConfigError` naming the file on any problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: parameter file not found")
+    raw = parse_yaml(path.read_text(encoding="utf-8"), str(path)) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return raw
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load ``params.yaml`` (or defaults when ``path`` is None) with dotted overrides applied."""
-    raw: dict[str, Any] = {}
-    source = "<defaults>"
-    if path is not None:
-        path = Path(path)
-        source = str(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: parameter file not found")
-        raw = parse_yaml(path.read_text()) or {}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-    raw = apply_overrides(raw, overrides)
-    if overrides:
-        source += " with overrides " + " ".join(overrides)
-    return validate_config(raw, source)
+    """Load ``params.yaml`` (or the schema's defaults when ``path`` is None) with dotted overrides applied."""
+    raw = read_params(path) if path is not None else {}
+    return resolve_config(raw, overrides, str(path) if path is not None else "<defaults>")
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

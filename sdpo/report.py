@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Rows of a JSON-lines file; empty when the file does not exist."""
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+from sdpo import fs
+from sdpo.layout import BASE_ARM, RunLayout
 
 
 def reward_rows(arm_metrics: dict[str, dict], comparison: dict[str, dict]) -> list[list[str]]:
@@ -81,22 +75,21 @@ def decision_text(registration: dict[str, Any]) -> str:
     return f"`{registration['name']}` version {registration['version']}: {verdict}. Reason: {decision['reason']}"
 
 
-def card_components(root: str, model_dirs: dict[str, str], eval_dirs: dict[str, str], arm_metrics: dict[str, dict],
+def card_components(layout: RunLayout, arms: list[str], arm_metrics: dict[str, dict],
                     comparison: dict[str, dict], registration: dict[str, Any]) -> list[Any]:
-    """Metaflow card components for the run report."""
+    """Metaflow card components for the run report (curves and sample grids read from the layout's root)."""
     from metaflow.cards import Image, Markdown, Table, VegaChart
 
-    parts: list[Any] = [Markdown("# Diffusion-SDPO run"), Markdown(f"Run folder: `{root}`")]
+    parts: list[Any] = [Markdown("# Diffusion-SDPO run"), Markdown(f"Run root: `{layout.root}`")]
     parts.append(Markdown("## Rewards and held-out error deltas"))
     parts.append(Table(reward_rows(arm_metrics, comparison), headers=REWARD_HEADERS))
     parts.append(Markdown("## Promotion\n" + decision_text(registration)))
     curves, heldout, lambdas = [], [], []
-    for arm, model_dir in sorted(model_dirs.items()):
-        run_dir = Path(model_dir).parent
-        curves += [{"arm": arm, **r} for r in read_jsonl(run_dir / "metrics.jsonl")]
-        heldout += [{"arm": arm, **r} for r in read_jsonl(run_dir / "heldout.jsonl")]
-        lambdas += [{"arm": arm, "lambda": r["lambda_mean"]} for r in read_jsonl(run_dir / "metrics.jsonl")
-                    if "lambda_mean" in r]
+    for arm in sorted(a for a in arms if a != BASE_ARM):
+        rows = fs.read_jsonl(layout.training_file(arm, "metrics.jsonl"))
+        curves += [{"arm": arm, **r} for r in rows]
+        heldout += [{"arm": arm, **r} for r in fs.read_jsonl(layout.training_file(arm, "heldout.jsonl"))]
+        lambdas += [{"arm": arm, "lambda": r["lambda_mean"]} for r in rows if "lambda_mean" in r]
     if heldout:
         parts.append(Markdown("## Held-out winner / loser error vs the reference (below 0 = better)"))
         parts.append(VegaChart(_line_chart(heldout, ["heldout_winner_delta", "heldout_loser_delta"],
@@ -108,36 +101,33 @@ def card_components(root: str, model_dirs: dict[str, str], eval_dirs: dict[str, 
     if lambdas:
         parts.append(VegaChart(_histogram(lambdas, "safeguard lambda (per logged window)")))
     parts.append(Markdown("## Samples (rows: prompts, columns: seeds)"))
-    for arm, path in sorted(eval_dirs.items()):
-        grid = Path(path) / "grid.png"
-        if grid.exists():
+    for arm in sorted(arms):
+        grid = fs.join(layout.evals(arm), "grid.png")
+        if fs.exists(grid):
             parts.append(Markdown(f"### {arm}"))
-            parts.append(Image(src=grid.read_bytes(), label=arm))
+            parts.append(Image(src=fs.read_bytes(grid), label=arm))
     return parts
 
 
-def summary_text(root: str, model_dirs: dict[str, str], arm_metrics: dict[str, dict], comparison: dict[str, dict],
-                 registration: dict[str, Any], tracking_uri: str, elapsed: float | None = None) -> str:
+def summary_text(layout: RunLayout, arms: list[str], arm_metrics: dict[str, dict], comparison: dict[str, dict],
+                 registration: dict[str, Any], tracking_uri: str, *, run_id: str | None = None,
+                 elapsed: float | None = None) -> str:
     """The few lines a run ends with: where things are, the reward table, the registry decision."""
-    rows = reward_rows(arm_metrics, comparison)
-    widths = [max(len(str(c)) for c in col) for col in zip(REWARD_HEADERS, *rows, strict=True)]
+    from tabulate import tabulate
 
-    def line(cells: list[str]) -> str:
-        return "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True))
-
+    alias = "champion" if registration["decision"]["promote"] else "challenger"
     out = [
         "",
         "=== Diffusion-SDPO run ===",
-        f"data and evaluations: {root}",
-        *[f"model {arm}: {path}" for arm, path in sorted(model_dirs.items())],
+        f"run root: {layout.root}",
+        *[f"model {arm}: {layout.model(arm)}" for arm in sorted(arms) if arm != BASE_ARM],
         f"MLflow: {tracking_uri}  (UI: make mlflow-ui, then http://127.0.0.1:5000)",
         f"registry: {decision_text(registration).replace('**', '')}",
-        f"load it: mlflow.pyfunc.load_model('models:/{registration['name']}@"
-        f"{'champion' if registration['decision']['promote'] else 'challenger'}')",
-        "",
-        line(REWARD_HEADERS),
-        *[line(r) for r in rows],
+        f"load it: mlflow.pyfunc.load_model('models:/{registration['name']}@{alias}')",
     ]
+    if run_id is not None:
+        out.append(f"report card: python flows/sdpo_flow.py card view {run_id}/register --id report")
+    out += ["", tabulate(reward_rows(arm_metrics, comparison), headers=REWARD_HEADERS, disable_numparse=True)]
     if elapsed is not None:
         out.append(f"\nwall time: {elapsed:.0f}s")
     return "\n".join(out)

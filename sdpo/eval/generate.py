@@ -15,8 +15,8 @@ Guidance follows the diffusers convention: ``guidance_scale = 1.0`` means no cla
 
 from __future__ import annotations
 
+import contextlib
 import json
-import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,10 +26,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from sdpo import fs
 from sdpo.config import ConfigError, EvalConfig
 from sdpo.errors import DataError, ModelError
-from sdpo.eval.rewards import load_reward
-from sdpo.eval.rewards.weights import folder_digest
+from sdpo.eval.rewards import RewardModel, load_reward
 from sdpo.eval.winrate import bootstrap_ci
 
 SCHEMA_VERSION = 1
@@ -143,23 +143,25 @@ def generate_images(
         yield from zip(batch, output.images, strict=True)
 
 
-def score_units(folder: Path, units: Sequence[ImageUnit], cfg: EvalConfig, device: torch.device) -> list[dict]:
-    """Score the saved images of ``units`` with every configured reward, one reward model in memory at a time."""
+def load_rewards(cfg: EvalConfig, device: torch.device) -> dict[str, RewardModel]:
+    """Every configured reward, loaded (and its weights checked) before any image is generated."""
+    return {name: load_reward(name, cfg.reward_paths.get(name), cfg.reward_sha256.get(name), device=device)
+            for name in cfg.rewards}
+
+
+def score_units(folder: Path, units: Sequence[ImageUnit], rewards: dict[str, RewardModel]) -> list[dict]:
+    """Score the saved images of ``units`` with every reward."""
     rows = [
         {"prompt": u.prompt, "prompt_index": u.prompt_index, "seed": u.seed, "image": u.image_name, "scores": {}}
         for u in units
     ]
-    for name in cfg.rewards:
-        reward = load_reward(name, cfg.reward_paths.get(name), cfg.reward_sha256.get(name), device=device)
+    for name, reward in rewards.items():
         for start in range(0, len(units), SCORE_CHUNK):
             chunk = units[start : start + SCORE_CHUNK]
             images = [Image.open(folder / u.image_name).convert("RGB") for u in chunk]
             scores = np.asarray(reward.score(images, [u.prompt for u in chunk]), dtype=np.float64)
             for row, value in zip(rows[start : start + SCORE_CHUNK], scores, strict=True):
                 row["scores"][name] = float(value)
-        del reward
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
     return rows
 
 
@@ -190,23 +192,11 @@ def write_grid(folder: Path, prompts: Sequence[str], seeds: Sequence[int], path:
 
 
 def write_results(folder: Path, manifest: dict[str, Any], rows: list[dict], metrics: dict[str, Any]) -> None:
-    """manifest.json, scores.jsonl, metrics.json and grid.png beside the images in ``folder``."""
+    """manifest.json, scores.jsonl, grid.png and, last, metrics.json beside the images in ``folder``."""
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     (folder / "scores.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     write_grid(folder, manifest["prompts"], manifest["seeds"], folder / "grid.png")
-
-
-def _replace_dir(tmp: Path, out_dir: Path) -> None:
-    """Move the finished ``tmp`` folder to ``out_dir``, replacing an older result."""
-    old = out_dir.with_name(f".{out_dir.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
-    if out_dir.exists():
-        out_dir.rename(old)
-    tmp.rename(out_dir)
-    if old.exists():
-        shutil.rmtree(old)
+    (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
 
 
 def evaluate(
@@ -217,12 +207,16 @@ def evaluate(
     *,
     base_dir: str | Path | None = None,
     heldout_shards: str | Path | None = None,
+    extra_metrics: dict[str, Any] | None = None,
+    model_uri: str | None = None,
 ) -> dict[str, Any]:
-    """Generate ``cfg.seeds_per_prompt`` images per prompt from ``model_dir``, score them, write ``out_dir``.
+    """Generate ``cfg.seeds_per_prompt`` images per prompt from ``model_dir``, score them, publish ``out_dir``.
 
-    With ``base_dir`` and ``heldout_shards`` the held-out winner/loser error deltas against the base are added to
-    the metrics. Launched with several processes (``accelerate launch``), units are split between processes and the
-    main process writes the folder. Returns the metrics (also written to ``metrics.json``).
+    ``out_dir`` is a local folder or an object-store URI; it is replaced whole, with ``metrics.json`` last. With
+    ``base_dir`` and ``heldout_shards`` the held-out winner/loser error deltas against the base are added to the
+    metrics; ``extra_metrics`` are merged in as they are. ``model_uri`` is recorded as where the model lives (default:
+    ``model_dir``). Launched with several processes (``accelerate launch``), units are split between processes and
+    the main process writes the folder. Returns the metrics.
     """
     from accelerate import PartialState
     from accelerate.utils import gather_object
@@ -233,51 +227,52 @@ def evaluate(
         )
     if not prompts:
         raise DataError("no prompts to evaluate")
-    model_dir, out_dir = Path(model_dir).resolve(), Path(out_dir).resolve()
+    model_dir = Path(model_dir).resolve()
     if not model_dir.is_dir():
         raise ModelError(f"{model_dir}: model folder not found")
     # cpu=True lets torchrun / accelerate launch split work over CPU processes (gloo) as well as GPUs.
     state = PartialState(cpu=not torch.cuda.is_available())
+    rewards = load_rewards(cfg, state.device)  # a missing or mismatched reward fails before any generation
     seeds = eval_seeds(cfg)
     units = plan_units(prompts, seeds)
-    tmp = out_dir.with_name(f".{out_dir.name}.partial")
-    if state.is_main_process:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        (tmp / "images").mkdir(parents=True)
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(fs.publishing(out_dir, marker="metrics.json")) if state.is_main_process \
+            else None
+        shared = gather_object([str(tmp)] if tmp is not None else [])
+        work = Path(shared[0])
+        if state.is_main_process:
+            (work / "images").mkdir(parents=True, exist_ok=True)
+        state.wait_for_everyone()
+        pipe = load_pipeline(model_dir, cfg.scheduler, state.device)
+        settings = generation_settings(pipe, cfg)
+        with state.split_between_processes(units) as my_units:
+            for unit, image in generate_images(pipe, my_units, settings, cfg.batch_size):
+                image.save(work / unit.image_name)
+            del pipe
+            my_rows = score_units(work, my_units, rewards)
+        rows = sorted(gather_object(my_rows), key=lambda row: (row["prompt_index"], row["seed"]))
+        metrics: dict[str, Any] = {}
+        if state.is_main_process:
+            digest = fs.folder_digest(model_dir)
+            metrics = {"rewards": reward_metrics(rows, cfg.rewards, cfg.bootstrap_samples, cfg.seed),
+                       "model_digest": digest}
+            if base_dir is not None:
+                from sdpo.train.heldout import heldout_deltas
+
+                metrics["heldout"] = heldout_deltas(
+                    str(model_dir), str(base_dir), str(heldout_shards), n_pairs=cfg.heldout_pairs, seed=cfg.seed
+                )
+            metrics.update(extra_metrics or {})
+            manifest = {
+                "schema_version": SCHEMA_VERSION,
+                "model": model_uri or str(model_dir),
+                "model_digest": digest,
+                "prompts": list(prompts),
+                "seeds": seeds,
+                "settings": settings,
+                "rewards": list(cfg.rewards),
+                "n_images": len(units),
+            }
+            write_results(work, manifest, rows, metrics)
     state.wait_for_everyone()
-
-    pipe = load_pipeline(model_dir, cfg.scheduler, state.device)
-    settings = generation_settings(pipe, cfg)
-    with state.split_between_processes(units) as my_units:
-        for unit, image in generate_images(pipe, my_units, settings, cfg.batch_size):
-            image.save(tmp / unit.image_name)
-        del pipe
-        my_rows = score_units(tmp, my_units, cfg, state.device)
-    rows = sorted(gather_object(my_rows), key=lambda row: (row["prompt_index"], row["seed"]))
-
-    if state.is_main_process:
-        metrics = {
-            "rewards": reward_metrics(rows, cfg.rewards, cfg.bootstrap_samples, cfg.seed),
-            "model_digest": folder_digest(model_dir),
-        }
-        if base_dir is not None:
-            from sdpo.train.heldout import heldout_deltas
-
-            metrics["heldout"] = heldout_deltas(
-                str(model_dir), str(base_dir), str(heldout_shards), n_pairs=cfg.heldout_pairs, seed=cfg.seed
-            )
-        manifest = {
-            "schema_version": SCHEMA_VERSION,
-            "model": str(model_dir),
-            "model_digest": metrics["model_digest"],
-            "prompts": list(prompts),
-            "seeds": seeds,
-            "settings": settings,
-            "rewards": list(cfg.rewards),
-            "n_images": len(units),
-        }
-        write_results(tmp, manifest, rows, metrics)
-        _replace_dir(tmp, out_dir)
-    state.wait_for_everyone()
-    return json.loads((out_dir / "metrics.json").read_text())
+    return metrics if state.is_main_process else {}

@@ -11,11 +11,13 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from sdpo.config import TrainConfig
 from sdpo.objectives.errors import per_sample_mse
 from sdpo.objectives.safeguard import SafeguardGranularity, safeguard_lambda_with_stats, scale_gradient
 
 Method = Literal["sft", "dpo", "dspo", "dmpo"]
 SafeguardMode = Literal["off", "pair", "batch"]
+_DEFAULTS = TrainConfig.model_fields  # the schema is the only place a default lives
 PREFERENCE_METHODS = ("dpo", "dspo", "dmpo")
 
 
@@ -69,16 +71,16 @@ def dspo_loss(
 
 @dataclass(frozen=True)
 class ObjectiveConfig:
-    """The knobs of one objective (a subset of ``TrainConfig``)."""
+    """The knobs of one objective (a subset of ``TrainConfig``, whose defaults it shares)."""
 
-    method: Method = "dpo"
-    beta: float = 5000.0
-    safeguard: SafeguardMode = "pair"
-    mu: float = 0.9
-    max_lambda: float = 1.0
-    alpha: float = 0.01
-    dspo_variant: Literal["sd15", "sdxl"] = "sd15"
-    dspo_threshold: float = 0.1
+    method: Method = _DEFAULTS["method"].default
+    beta: float = _DEFAULTS["beta"].default
+    safeguard: SafeguardMode = _DEFAULTS["safeguard"].default
+    mu: float = _DEFAULTS["mu"].default
+    max_lambda: float = _DEFAULTS["max_lambda"].default
+    alpha: float = _DEFAULTS["alpha"].default
+    dspo_variant: Literal["sd15", "sdxl"] = _DEFAULTS["dspo_variant"].default
+    dspo_threshold: float = _DEFAULTS["dspo_threshold"].default
     all_reduce: bool = False  # batch-mode safeguard: pool the sums across processes
 
     @classmethod

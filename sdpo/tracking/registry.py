@@ -7,7 +7,6 @@ as ``promotion.*`` tags, in its description and as ``promotion/v<N>.json`` in th
 
 from __future__ import annotations
 
-import hashlib
 import json
 import tempfile
 from collections.abc import Callable
@@ -37,13 +36,10 @@ CompareFn = Callable[..., dict[str, Any]]
 
 
 def model_dir_digest(model_dir: str | Path) -> str:
-    """``sha256:<hex>`` over every file of a model folder (relative paths and contents, in sorted order)."""
-    root = Path(model_dir)
-    digest = hashlib.sha256()
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
-        digest.update(runs.file_sha256(path).encode() + b"\n")
-    return f"sha256:{digest.hexdigest()}"
+    """``sha256:<hex>`` over every file of a model folder: :func:`sdpo.fs.folder_digest`, the one model digest."""
+    from sdpo.fs import folder_digest
+
+    return folder_digest(model_dir)
 
 
 def register(
@@ -53,10 +49,12 @@ def register(
     run_id: str | None = None,
     eval_dir: str | Path | None = None,
     data_manifest: str | Path | None = None,
+    data_name: str | None = None,
     tags: dict[str, str] | None = None,
     experiment: str = "sdpo",
     config: Config | None = None,
     dvc_lock: str | Path | None = "dvc.lock",
+    parent_run_id: str | None = None,
 ) -> ModelVersion:
     """Log ``model_dir`` as a pyfunc model and register it as a new version of ``name`` (READY on return).
 
@@ -69,14 +67,16 @@ def register(
     if not (model_dir / "model_index.json").is_file():
         raise ModelError(f"{model_dir}: not a diffusers pipeline folder (model_index.json missing)")
     digest = model_dir_digest(model_dir)
-    run_context = runs.resume_run(run_id) if run_id else runs.start_run(experiment, f"register-{name}")
+    run_context = runs.resume_run(run_id) if run_id else runs.start_run(
+        experiment, f"register-{name}", tags=tags, parent_run_id=parent_run_id)
     with run_context as run:
         if config is not None and run_id is None:
             runs.log_config(config)
         if dvc_lock is not None:
             runs.log_lineage(dvc_lock)
         if data_manifest is not None:
-            runs.log_data_manifest(data_manifest, name=Path(data_manifest).resolve().parent.name or "pairs")
+            dataset = data_name or Path(data_manifest).resolve().parent.name or "pairs"
+            runs.log_data_manifest(data_manifest, name=dataset)
         eval_summary = runs.log_eval_dir(eval_dir) if eval_dir is not None else {}
         mlflow.set_tag("model.digest", digest)
         info = log_pipeline_model(str(model_dir), name="model")

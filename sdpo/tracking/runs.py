@@ -49,17 +49,46 @@ def client() -> MlflowClient:
 
 
 @contextmanager
-def start_run(experiment: str, run_name: str, tags: dict[str, str] | None = None) -> Iterator[mlflow.ActiveRun]:
+def start_run(experiment: str, run_name: str, tags: dict[str, str] | None = None,
+              parent_run_id: str | None = None) -> Iterator[mlflow.ActiveRun]:
     """Start a run in ``experiment`` (created if missing); inside an active run, start a nested child of it.
 
+    ``parent_run_id`` files the run under another run that may live in another process (a flow run's parent run):
+    MLflow's UI nests runs by the ``mlflow.parentRunId`` tag, whatever the parent's state.
     A nested run stays in its parent's experiment so that the MLflow UI shows it under the parent.
     """
     configure()
     parent = mlflow.active_run()
+    tags = dict(tags or {})
     if parent is None:
         mlflow.set_experiment(experiment)
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id
     with mlflow.start_run(run_name=run_name, nested=parent is not None, tags=tags) as run:
         yield run
+
+
+def create_parent_run(experiment: str, run_name: str, tags: dict[str, str] | None = None) -> str:
+    """Create (and leave running) the run that a flow run's stage runs are filed under; returns its id.
+
+    Creating it also creates the store and the experiment once, before parallel steps would race to migrate a new
+    database.
+    """
+    store = client()
+    found = store.get_experiment_by_name(experiment)
+    experiment_id = found.experiment_id if found is not None else store.create_experiment(experiment)
+    return store.create_run(experiment_id, run_name=run_name, tags=tags or {}).info.run_id
+
+
+def finish_run(run_id: str, metrics: dict[str, float] | None = None, status: str = "FINISHED") -> None:
+    """Log final metrics into a run created by :func:`create_parent_run` and end it."""
+    store = client()
+    now = int(time.time() * 1000)
+    points = [Metric(_tag_key(k), float(v), now, 0) for k, v in (metrics or {}).items()
+              if isinstance(v, int | float) and math.isfinite(v)]
+    if points:
+        store.log_batch(run_id, metrics=points)
+    store.set_terminated(run_id, status=status)
 
 
 @contextmanager

@@ -32,6 +32,7 @@ from sdpo.errors import TrainingError
 from sdpo.objectives import ObjectiveConfig, compute_objective
 
 MetricsCallback = Callable[[dict[str, float], int], None]
+CheckpointCallback = Callable[[Path], None]
 
 
 @dataclass
@@ -99,7 +100,8 @@ class Trainer:
 
     def __init__(self, cfg: Config, *, shards_dir: str | Path, base_model: str, output_dir: str | Path,
                  variant: str | None = None, heldout_shards: str | Path | None = None,
-                 on_metrics: MetricsCallback | None = None, show_progress: bool = True) -> None:
+                 on_metrics: MetricsCallback | None = None, on_checkpoint: CheckpointCallback | None = None,
+                 show_progress: bool = True) -> None:
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration
 
@@ -111,6 +113,7 @@ class Trainer:
         self.heldout_shards = Path(heldout_shards) if heldout_shards else None
         self.base_model = base_model
         self.on_metrics = on_metrics
+        self.on_checkpoint = on_checkpoint
         self.show_progress = show_progress
         self.accelerator = Accelerator(
             mixed_precision=self.tcfg.mixed_precision,
@@ -131,7 +134,7 @@ class Trainer:
         acc, t = self.accelerator, self.tcfg
         set_seed(t.seed)
         self.model = load_model(self.base_model, self.cfg.model.family if self.cfg.model.base else None,
-                                device=acc.device)
+                                revision=self.cfg.model.revision, device=acc.device)
         self.model.freeze_all_but_denoiser()
         denoiser = self.model.denoiser
         denoiser.train()
@@ -338,6 +341,8 @@ class Trainer:
             for old in root.glob("step-*"):  # keep the newest two
                 if old != path and int(old.name.split("-")[1]) < step - max(self.tcfg.checkpoint_every, 1):
                     shutil.rmtree(old, ignore_errors=True)
+            if self.on_checkpoint is not None:
+                self.on_checkpoint(path)
         acc.wait_for_everyone()
         return path
 
@@ -353,7 +358,10 @@ class Trainer:
 
                 save_lora(denoiser, str(self.output_dir / "lora"))
                 denoiser = merge_lora(copy.deepcopy(denoiser))
-            self.model.save_pipeline(str(model_dir), denoiser=denoiser)
+            from sdpo.fs import publishing
+
+            with publishing(model_dir, marker="model_index.json") as staging:  # readers never see half a model
+                self.model.save_pipeline(str(staging), denoiser=denoiser)
             summary = {
                 "variant": self.variant,
                 "base_model": self.base_model,
@@ -381,9 +389,14 @@ def _manifest_digest(shards_dir: Path) -> str | None:
 
 def train(cfg: Config, *, shards_dir: str | Path, base_model: str, output_dir: str | Path, variant: str | None = None,
           heldout_shards: str | Path | None = None, resume: bool = False, on_metrics: MetricsCallback | None = None,
-          stop_after: int | None = None, show_progress: bool = True) -> TrainResult:
-    """Train one variant and write ``output_dir/model`` (a diffusers pipeline folder), checkpoints and metrics."""
+          on_checkpoint: CheckpointCallback | None = None, stop_after: int | None = None,
+          show_progress: bool = True) -> TrainResult:
+    """Train one variant and write ``output_dir/model`` (a diffusers pipeline folder), checkpoints and metrics.
+
+    ``on_checkpoint(path)`` runs on the main process after each complete checkpoint (e.g. to mirror it to a store).
+    """
     os.makedirs(output_dir, exist_ok=True)
     trainer = Trainer(cfg, shards_dir=shards_dir, base_model=base_model, output_dir=output_dir, variant=variant,
-                      heldout_shards=heldout_shards, on_metrics=on_metrics, show_progress=show_progress)
+                      heldout_shards=heldout_shards, on_metrics=on_metrics, on_checkpoint=on_checkpoint,
+                      show_progress=show_progress)
     return trainer.run(resume=resume, stop_after=stop_after)

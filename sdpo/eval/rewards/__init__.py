@@ -111,6 +111,11 @@ def load_reward(
     return loader(weights, device)
 
 
+def needs_weights(name: str) -> bool:
+    """Whether reward ``name`` needs ``eval.reward_paths.<name>`` (weights are never downloaded)."""
+    return REWARDS[name][1]
+
+
 def reward_names() -> list[str]:
     """Names ``load_reward`` accepts."""
     return sorted(REWARDS)

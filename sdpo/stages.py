@@ -1,0 +1,415 @@
+"""The pipeline's stages, one function each: the flow's steps, the ``sdpo`` commands and ``dvc.yaml`` call these.
+
+    synth -> ingest -> base -> train(arm) -> evaluate(arm) -> compare(arm) -> register(arm) -> promote(arm)
+
+Every stage is a function of a :class:`StageContext` (the typed config and the run layout) and a few names (a
+split, an arm). It reads its inputs from the layout's root (a local folder or an object store), works in a local
+scratch folder, publishes its outputs back to the root with the marker file last, owns its MLflow run, and returns
+a small JSON-able result (URIs and metrics) that an orchestrator can pass to the next step on another machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sdpo import fs
+from sdpo.config import Config, ConfigError, config_to_dict, load_config
+from sdpo.errors import ModelError, TrainingError
+from sdpo.layout import BASE_ARM, SPLITS, RunLayout
+
+MANIFEST = "manifest.json"
+MODEL_MARKER = "model_index.json"
+EVAL_MARKER = "metrics.json"
+FAULT_ENV = "SDPO_INJECT_FAULT"  # testing hook: "train-after-checkpoint" fails a first attempt after a checkpoint
+
+
+@dataclass
+class StageContext:
+    """What every stage needs: the validated config, where the run lives, and how to file its MLflow runs."""
+
+    cfg: Config
+    layout: RunLayout
+    project_dir: Path = field(default_factory=Path.cwd)
+    source: str = "params.yaml"
+    parent_run_id: str | None = None  # the flow run's MLflow parent run
+    tags: dict[str, str] = field(default_factory=dict)  # added to every MLflow run (e.g. metaflow.run_id)
+    attempt: int = 0  # retry number of the orchestrator's task (0 = first try)
+
+    @classmethod
+    def load(cls, config_path: str | Path | None, overrides: list[str] | None = None) -> StageContext:
+        """From a parameter file and ``--set`` overrides; a relative ``data.root`` is relative to the file."""
+        cfg = load_config(config_path, overrides)
+        project_dir = Path(config_path).resolve().parent if config_path is not None else Path.cwd()
+        return cls.from_config(cfg, project_dir, source=str(config_path or "<defaults>"))
+
+    @classmethod
+    def from_config(cls, cfg: Config, project_dir: str | Path, **kwargs: Any) -> StageContext:
+        project_dir = Path(project_dir)
+        return cls(cfg=cfg, layout=RunLayout.resolve(cfg.data.root, project_dir), project_dir=project_dir, **kwargs)
+
+
+@contextlib.contextmanager
+def _mlflow_run(ctx: StageContext, name: str, **tags: str) -> Iterator[Any]:
+    from sdpo.tracking.runs import start_run
+
+    with start_run(ctx.cfg.registry.experiment, name, tags={**ctx.tags, **tags},
+                   parent_run_id=ctx.parent_run_id) as run:
+        yield run
+
+
+# --- data ---------------------------------------------------------------------------------------------------
+
+
+def synth(ctx: StageContext, split: str) -> dict[str, Any]:
+    """Write the synthetic world's ``split`` as Pick-a-Pic v2 parquet at ``layout.raw(split)``."""
+    from sdpo.data.synthetic import make_pairs, write_parquet
+
+    syn, data = ctx.cfg.data.synthetic, ctx.cfg.data
+    pairs = syn.train_pairs if split == "train" else syn.heldout_pairs
+    table = make_pairs(pairs, syn.seed, split=split, resolution=data.resolution, tie_fraction=syn.tie_fraction)
+    uri = ctx.layout.raw(split)
+    with fs.scratch() as tmp:
+        fs.write_bytes(uri, write_parquet(table, tmp / "pairs.parquet").read_bytes())
+    return {"uri": uri, "pairs": table.num_rows}
+
+
+def split_inputs(ctx: StageContext, split: str) -> list[str] | None:
+    """The parquet inputs of ``split``: the configured ones, the synthetic world's file, or None (no such split)."""
+    data = ctx.cfg.data
+    if data.input is None:
+        return [ctx.layout.raw(split)]
+    spec = data.input if split == "train" else data.heldout_input
+    return [spec] if spec else None
+
+
+def ingest_plan(ctx: StageContext, max_parts: int = 8) -> list[dict[str, Any]]:
+    """Work items for parallel ingestion: one per split for the synthetic world, groups of files for real parquet."""
+    from sdpo.data.pickapic import resolve_inputs
+
+    items: list[dict[str, Any]] = []
+    for split in SPLITS:
+        specs = split_inputs(ctx, split)
+        if specs is None:
+            continue
+        if ctx.cfg.data.input is None:
+            items.append({"split": split, "part": 0, "sources": specs, "synthetic": True})
+            continue
+        files = [f.path for f in resolve_inputs(specs)]
+        groups = min(max_parts, len(files))
+        items += [{"split": split, "part": part, "sources": files[part::groups], "synthetic": False}
+                  for part in range(groups)]
+    return items
+
+
+def ingest_part(ctx: StageContext, item: dict[str, Any]) -> str:
+    """Ingest one work item of :func:`ingest_plan` into ``layout.ingest_part``; returns its URI."""
+    from sdpo.data.pickapic import ingest as ingest_parquet
+
+    data = ctx.cfg.data
+    uri = ctx.layout.ingest_part(item["split"], item["part"])
+    with fs.publishing(uri, marker=MANIFEST) as out:
+        ingest_parquet(item["sources"], out, resolution=data.resolution, shard_max_pairs=data.shard_max_pairs,
+                       workers=data.workers, keep_ties=data.keep_ties, min_size=data.min_image_size,
+                       image_format=data.image_format)
+    return uri
+
+
+def publish_split(ctx: StageContext, split: str, parts: list[str]) -> dict[str, Any]:
+    """One dataset per split at ``layout.shards(split)``: a single part as it is, several merged; parts removed.
+
+    Owns the MLflow run that records the dataset (name: the split), so later runs reuse its row.
+    """
+    from sdpo.data.merge import merge_datasets
+    from sdpo.data.shards import read_manifest
+    from sdpo.tracking.runs import log_data_manifest
+
+    target = ctx.layout.shards(split)
+    with contextlib.ExitStack() as stack:
+        local = [stack.enter_context(fs.local_copy(part, marker=MANIFEST)) for part in parts]
+        if len(local) == 1:
+            read_manifest(local[0])
+            fs.publish_dir(local[0], target, marker=MANIFEST)
+        else:
+            with fs.publishing(target, marker=MANIFEST) as out:
+                merge_datasets(local, out, shard_max_pairs=ctx.cfg.data.shard_max_pairs)
+    for part in parts:
+        fs.remove(part)
+    with fs.local_copy(target, marker=MANIFEST) as dataset, _mlflow_run(ctx, f"ingest-{split}", split=split):
+        manifest = read_manifest(dataset)
+        log_data_manifest(dataset / MANIFEST, name=split)
+    return {"uri": target, **{k: manifest[k] for k in ("rows_read", "pairs_written", "skipped")}}
+
+
+def ingest(ctx: StageContext, split: str) -> dict[str, Any]:
+    """Validate the split's parquet into WebDataset shards at ``layout.shards(split)`` (one process)."""
+    sources = split_inputs(ctx, split)
+    if sources is None:
+        raise ConfigError(f"{ctx.source}: data.heldout_input is not set, so there is no {split!r} split to ingest")
+    part = ingest_part(ctx, {"split": split, "part": 0, "sources": sources})
+    return publish_split(ctx, split, [part])
+
+
+# --- models -------------------------------------------------------------------------------------------------
+
+
+def _is_hub_id(spec: str) -> bool:
+    return not fs.is_remote(spec) and not Path(spec).expanduser().exists() and not spec.startswith((".", "/", "~"))
+
+
+def _local_spec(spec: str, project_dir: Path) -> str:
+    """A configured local path made absolute against the project; URIs and hub ids unchanged."""
+    if fs.is_remote(spec) or _is_hub_id(spec):
+        return spec
+    path = Path(spec).expanduser()
+    return str(path if path.is_absolute() else (project_dir / path).resolve())
+
+
+def _toy_base(ctx: StageContext) -> str:
+    """The toy base for the train shards: reused from the content-keyed cache, else trained and published there."""
+    from sdpo.train.pretrain import data_content_digest, ensure_toy_base, toy_base_key
+
+    toy = ctx.cfg.model.toy
+    cache = _local_spec(toy.cache_dir, ctx.project_dir) if toy.cache_dir else ctx.layout.toy_base_cache()
+    with fs.local_copy(ctx.layout.shards("train"), marker=MANIFEST) as shards:
+        key = toy_base_key(toy, ctx.cfg.data.resolution, data_content_digest(shards))
+        target = fs.join(cache, key)
+        if fs.exists(fs.join(target, MODEL_MARKER)):
+            print(f"toy base: cached at {target}")
+            return target
+        with fs.scratch("sdpo-toy-") as tmp:
+            built = ensure_toy_base(ctx.cfg, shards, cache_dir=tmp)
+            fs.publish_dir(built, target, marker=MODEL_MARKER)
+    return target
+
+
+def base(ctx: StageContext) -> dict[str, Any]:
+    """The base model of every arm: ``model.base`` checked, or the toy base built; recorded in ``base.json``.
+
+    A built base is also published at ``layout.model("base")`` (the DVC output); a configured one stays where it
+    is. Returns ``{"uri", "source", "digest"}``; :func:`base_uri` reads it back.
+    """
+    spec = ctx.cfg.model.base
+    if spec:
+        uri = _local_spec(spec, ctx.project_dir)
+        if not _is_hub_id(uri) and not fs.exists(fs.join(uri, MODEL_MARKER)):
+            raise ModelError(f"model.base={spec}: not a diffusers pipeline folder (no {MODEL_MARKER})")
+        digest = None if _is_hub_id(uri) else fs.folder_digest(uri)
+        record = {"uri": uri, "source": "configured", "digest": digest, "revision": ctx.cfg.model.revision}
+    else:
+        cached = _toy_base(ctx)
+        with fs.local_copy(cached, marker=MODEL_MARKER) as local:
+            fs.publish_dir(local, ctx.layout.model(BASE_ARM), marker=MODEL_MARKER)
+        uri = ctx.layout.model(BASE_ARM)
+        record = {"uri": uri, "source": "toy", "cache": cached, "digest": fs.folder_digest(uri)}
+    fs.write_json(ctx.layout.base_record(), record)
+    return record
+
+
+def base_uri(ctx: StageContext) -> str:
+    """Where the base model is, as recorded by :func:`base`."""
+    record = ctx.layout.base_record()
+    if not fs.exists(record):
+        raise ModelError(f"{record}: no base model recorded yet; run `sdpo base` (the base stage) first")
+    return fs.read_json(record)["uri"]
+
+
+@contextlib.contextmanager
+def _local_model(uri: str) -> Iterator[str]:
+    """A local folder (or hub id) for a model URI."""
+    if _is_hub_id(uri):
+        yield uri
+        return
+    with fs.local_copy(uri, marker=MODEL_MARKER) as local:
+        yield str(local)
+
+
+def _optional_heldout(ctx: StageContext) -> str | None:
+    uri = ctx.layout.shards("heldout")
+    return uri if fs.exists(fs.join(uri, MANIFEST)) else None
+
+
+def _latest_checkpoint(uri: str) -> str | None:
+    complete = [name for name in fs.list_dirs(uri)
+                if name.startswith("step-") and fs.exists(fs.join(uri, name, "COMPLETE"))]
+    return max(complete, key=lambda n: int(n.split("-")[1])) if complete else None
+
+
+_TRAINING_FILES = ("metrics.jsonl", "heldout.jsonl", "training_summary.json", "train_curve.json",
+                   "heldout_curve.json")
+
+
+def _write_curves(work: Path) -> None:
+    """DVC plots read JSON arrays, not JSON lines: the curves beside the model, as arrays."""
+    import json
+
+    for src, dst in (("metrics.jsonl", "train_curve.json"), ("heldout.jsonl", "heldout_curve.json")):
+        rows = fs.read_jsonl(work / src)
+        (work / dst).write_text(json.dumps(rows, indent=1) + "\n")
+
+
+def _prepare_train_dir(ctx: StageContext, arm: str, work: Path, *, resume: bool, overwrite: bool) -> str | None:
+    """Make the arm's output folder ready; returns the checkpoint resumed from (None for a fresh run)."""
+    layout = ctx.layout
+    latest = _latest_checkpoint(layout.checkpoints(arm))
+    if latest is not None and not resume and not overwrite:
+        raise TrainingError(f"{layout.train_dir(arm)} holds checkpoints of an earlier run (newest {latest}); pass "
+                            "--resume to continue it or --overwrite to start over")
+    if not resume:
+        for name in ("model", "checkpoints", "lora", *_TRAINING_FILES):
+            fs.remove(fs.join(layout.train_dir(arm), name))
+        return None
+    if latest is not None and layout.remote:
+        fs.download(fs.join(layout.checkpoints(arm), latest), work / "checkpoints" / latest)
+    return latest
+
+
+def train(ctx: StageContext, arm: str, *, base: str | None = None, resume: bool = False,
+          overwrite: bool = False) -> dict[str, Any]:
+    """Train variant ``arm`` of ``train.variants`` from the base on the train shards into ``layout.train_dir(arm)``.
+
+    Checkpoints go under the root as they are written, so ``resume`` (or a retried task on a fresh machine)
+    continues from the newest complete one. Several GPUs on this machine: the work runs under ``accelerate
+    launch`` (see :mod:`sdpo.train.job`). Returns the training summary.
+    """
+    from sdpo.train.job import TrainJob, launch, run_job, should_launch
+
+    layout = ctx.layout
+    ctx.cfg.train.for_variant(arm)  # an unknown arm fails here, before anything is staged
+    base_model = base or base_uri(ctx)
+    with contextlib.ExitStack() as stack:
+        shards = stack.enter_context(fs.local_copy(layout.shards("train"), marker=MANIFEST))
+        heldout_uri = _optional_heldout(ctx) if ctx.cfg.train.heldout_every else None
+        heldout = stack.enter_context(fs.local_copy(heldout_uri, marker=MANIFEST)) if heldout_uri else None
+        local_base = stack.enter_context(_local_model(base_model))
+        work = stack.enter_context(fs.scratch("sdpo-train-")) if layout.remote else Path(layout.train_dir(arm))
+        work.mkdir(parents=True, exist_ok=True)
+        resumed_from = _prepare_train_dir(ctx, arm, work, resume=resume, overwrite=overwrite)
+        run = stack.enter_context(_mlflow_run(ctx, f"train-{arm}", variant=arm))
+        job = TrainJob(config=config_to_dict(ctx.cfg), arm=arm, shards=str(shards),
+                       heldout=str(heldout) if heldout else None, base=str(local_base), work_dir=str(work),
+                       resume=resumed_from is not None, checkpoint_uri=layout.checkpoints(arm) if layout.remote
+                       else None, mlflow_run_id=run.info.run_id, fault=ctx.attempt == 0
+                       and "train-after-checkpoint" in os.environ.get(FAULT_ENV, "").split(","))
+        _log_training_inputs(ctx, arm, shards)
+        summary = launch(job, ctx.cfg.train) if should_launch(ctx.cfg.train) else run_job(job)
+        _write_curves(work)
+        if layout.remote:
+            fs.publish_dir(work / "model", layout.model(arm), marker=MODEL_MARKER)
+            for name in _TRAINING_FILES:
+                if (work / name).is_file():
+                    fs.write_bytes(layout.training_file(arm, name), (work / name).read_bytes())
+    summary.update(base_model=base_model, model=layout.model(arm), resumed_from=resumed_from,
+                   mlflow_run_id=run.info.run_id)
+    return summary
+
+
+def _log_training_inputs(ctx: StageContext, arm: str, shards: Path) -> None:
+    import mlflow
+
+    from sdpo.tracking.runs import log_config, log_data_manifest
+
+    log_config(ctx.cfg)
+    mlflow.log_params({"variant": arm})
+    log_data_manifest(shards / MANIFEST, name="train")
+
+
+# --- evaluation and the registry ----------------------------------------------------------------------------
+
+
+def arm_model(ctx: StageContext, arm: str) -> str:
+    """The model URI of an arm: the base for ``base``, else the arm's trained model."""
+    return base_uri(ctx) if arm == BASE_ARM else ctx.layout.model(arm)
+
+
+def evaluate(ctx: StageContext, arm: str, *, model: str | None = None, base: str | None = None) -> dict[str, Any]:
+    """Sample the arm's model on the evaluation prompts with fixed seeds, score it, publish ``layout.evals(arm)``.
+
+    With held-out shards the held-out winner/loser error deltas against the base are added (zero by definition
+    for the base itself). Owns the MLflow run ``evaluate-<arm>``. Returns the metrics.
+    """
+    from sdpo.eval.generate import evaluate as evaluate_model
+    from sdpo.eval.generate import resolve_prompts
+    from sdpo.tracking.runs import log_eval_dir
+
+    model_uri = model or arm_model(ctx, arm)
+    base_model = base or base_uri(ctx)
+    prompts = resolve_prompts(ctx.cfg.eval.prompts)
+    heldout_uri = _optional_heldout(ctx)
+    is_base = model_uri == base_model
+    with contextlib.ExitStack() as stack:
+        local_model = stack.enter_context(_local_model(model_uri))
+        deltas = heldout_uri is not None and not is_base
+        local_base = stack.enter_context(_local_model(base_model)) if deltas else None
+        heldout = stack.enter_context(fs.local_copy(heldout_uri, marker=MANIFEST)) if deltas else None
+        extra = {"heldout": {"winner_delta": 0.0, "loser_delta": 0.0, "n_pairs": 0}} if heldout_uri and is_base \
+            else None
+        out = ctx.layout.evals(arm)
+        metrics = evaluate_model(local_model, prompts, out, ctx.cfg.eval, base_dir=local_base,
+                                 heldout_shards=heldout, extra_metrics=extra, model_uri=model_uri)
+    with fs.local_copy(out, marker=EVAL_MARKER) as local_eval, _mlflow_run(ctx, f"evaluate-{arm}", variant=arm):
+        log_eval_dir(local_eval)
+    return metrics
+
+
+def compare(ctx: StageContext, arm: str, baseline: str = BASE_ARM) -> dict[str, Any]:
+    """Paired win rates of the arm's images over the baseline arm's; written to ``layout.compare_report(arm)``."""
+    from sdpo.eval.winrate import compare_eval_dirs
+
+    with fs.local_copy(ctx.layout.evals(arm), marker=EVAL_MARKER) as cand, \
+            fs.local_copy(ctx.layout.evals(baseline), marker=EVAL_MARKER) as base_eval:
+        result = compare_eval_dirs(cand, base_eval, bootstrap_samples=ctx.cfg.eval.bootstrap_samples,
+                                   seed=ctx.cfg.eval.seed)
+    result.update(candidate=ctx.layout.evals(arm), baseline=ctx.layout.evals(baseline))
+    fs.write_json(ctx.layout.compare_report(arm), result)
+    return result
+
+
+def register(ctx: StageContext, arm: str | None = None) -> dict[str, Any]:
+    """Register the arm's model (default: ``registry.candidate``) as a new MLflow model version."""
+    from sdpo.tracking.registry import register as register_model
+
+    arm = arm or ctx.cfg.registry.candidate
+    reg = ctx.cfg.registry
+    with fs.local_copy(ctx.layout.model(arm), marker=MODEL_MARKER) as model, \
+            fs.local_copy(ctx.layout.evals(arm), marker=EVAL_MARKER) as eval_dir, \
+            fs.local_copy(ctx.layout.shards("train"), marker=MANIFEST) as shards:
+        version = register_model(model, name=reg.model_name, eval_dir=eval_dir, data_manifest=shards / MANIFEST,
+                                 data_name="train", experiment=reg.experiment, config=ctx.cfg,
+                                 tags={**ctx.tags, "variant": arm, "model.uri": ctx.layout.model(arm)},
+                                 parent_run_id=ctx.parent_run_id, dvc_lock=ctx.project_dir / "dvc.lock")
+    record = {"name": reg.model_name, "version": str(version.version), "run_id": version.run_id, "arm": arm}
+    fs.write_json(ctx.layout.report("registry.json"), record)
+    return record
+
+
+def promote(ctx: StageContext, arm: str | None = None, version: str | None = None, *,
+            dry_run: bool = False) -> dict[str, Any]:
+    """Promote the registered version to ``champion`` if it beats the champion (or the base); else ``challenger``.
+
+    ``version`` defaults to the one :func:`register` recorded. Returns ``{"name", "version", "decision"}``.
+    """
+    from sdpo.tracking.registry import promote as promote_version
+
+    reg = ctx.cfg.registry
+    arm = arm or reg.candidate
+    if version is None:
+        record = ctx.layout.report("registry.json")
+        if not fs.exists(record):
+            raise ModelError(f"{record}: nothing registered yet; run `sdpo register` first or pass --version")
+        version = fs.read_json(record)["version"]
+    with fs.local_copy(ctx.layout.evals(arm), marker=EVAL_MARKER) as cand, \
+            fs.local_copy(ctx.layout.evals(BASE_ARM), marker=EVAL_MARKER) as base_eval:
+        decision = promote_version(reg.model_name, version, candidate_eval=cand, baseline_eval=base_eval,
+                                   primary_reward=reg.primary_reward, min_win_rate_lower=reg.min_win_rate_lower,
+                                   guards=dict(reg.guards), bootstrap_samples=ctx.cfg.eval.bootstrap_samples,
+                                   seed=ctx.cfg.eval.seed, dry_run=dry_run)
+    result = {"name": reg.model_name, "version": str(version), "decision": decision.to_dict()}
+    if not dry_run:
+        fs.write_json(ctx.layout.report("promotion.json"), result)
+    return result
+

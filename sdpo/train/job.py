@@ -1,0 +1,131 @@
+"""One training job on local paths: run in process, or on every rank under ``accelerate launch``.
+
+The train stage (:func:`sdpo.stages.train`) stages its inputs to local paths and describes the work as a
+:class:`TrainJob`. With several GPUs on the machine it writes the job to a JSON file and runs
+``accelerate launch [--config_file train.accelerate_config] -m sdpo.train.job JOB.json``; every rank then runs
+:func:`run_job`, and the main rank logs metrics into the stage's MLflow run and mirrors checkpoints to the store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from sdpo import fs
+from sdpo.config import TrainConfig, validate_config
+from sdpo.errors import TrainingError
+
+JOB_FILE = "train_job.json"
+
+
+@dataclass
+class TrainJob:
+    """Everything a rank needs to train one arm from local inputs."""
+
+    config: dict[str, Any]  # the resolved config (config_to_dict)
+    arm: str
+    shards: str
+    heldout: str | None
+    base: str
+    work_dir: str
+    resume: bool = False
+    checkpoint_uri: str | None = None  # mirror complete checkpoints here (an object-store root)
+    mlflow_run_id: str | None = None  # log metrics into this run
+    fault: bool = False  # fail after the first mirrored checkpoint (retry tests, see sdpo.stages.FAULT_ENV)
+
+
+def mirror_checkpoint(local: Path, uri: str) -> None:
+    """Publish a finished checkpoint under ``uri`` (``COMPLETE`` last) and drop older ones there."""
+    fs.publish_dir(local, fs.join(uri, local.name), marker="COMPLETE")
+    for name in fs.list_dirs(uri):
+        if name.startswith("step-") and name != local.name:
+            fs.remove(fs.join(uri, name))
+
+
+def _metrics_logger(run_id: str | None):
+    if run_id is None:
+        return None
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    from sdpo.tracking.runs import tracking_uri
+
+    client = MlflowClient(tracking_uri=tracking_uri())
+
+    def log(row: dict[str, float], step: int) -> None:
+        import time
+
+        now = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in row.items()])
+
+    return log
+
+
+def run_job(job: TrainJob) -> dict[str, Any]:
+    """Train as described by ``job`` (on this rank); returns the training summary."""
+    from sdpo.train.trainer import train
+
+    cfg = validate_config(job.config, f"training job {job.arm}")
+
+    def on_checkpoint(path: Path) -> None:
+        if job.checkpoint_uri is not None:
+            mirror_checkpoint(path, job.checkpoint_uri)
+        if job.fault:
+            raise TrainingError(f"injected fault after checkpoint {path.name} (first attempt only); a retry resumes")
+
+    train(cfg, shards_dir=job.shards, base_model=job.base, output_dir=job.work_dir, variant=job.arm,
+          heldout_shards=job.heldout, resume=job.resume, on_metrics=_metrics_logger(job.mlflow_run_id),
+          on_checkpoint=on_checkpoint)
+    return json.loads((Path(job.work_dir) / "training_summary.json").read_text())
+
+
+def should_launch(tcfg: TrainConfig) -> bool:
+    """Whether to run under ``accelerate launch``: several GPUs here, or a launcher config, and not yet launched."""
+    if "WORLD_SIZE" in os.environ or "LOCAL_RANK" in os.environ:
+        return False
+    if tcfg.accelerate_config:
+        return True
+    import torch
+
+    return torch.cuda.device_count() > 1
+
+
+def launch_command(job_file: Path, tcfg: TrainConfig) -> list[str]:
+    """``accelerate launch`` of :mod:`sdpo.train.job` with the configured launcher file, or DDP on every GPU."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+    if tcfg.accelerate_config:
+        cmd += ["--config_file", tcfg.accelerate_config]
+    else:
+        import torch
+
+        cmd += ["--multi_gpu", "--num_processes", str(torch.cuda.device_count())]
+    return [*cmd, "-m", "sdpo.train.job", str(job_file)]
+
+
+def launch(job: TrainJob, tcfg: TrainConfig) -> dict[str, Any]:
+    """Run ``job`` on every rank under ``accelerate launch``; returns the summary the main rank wrote."""
+    job_file = Path(job.work_dir) / JOB_FILE
+    job_file.write_text(json.dumps(asdict(job), indent=2))
+    proc = subprocess.run(launch_command(job_file, tcfg), check=False)
+    if proc.returncode != 0:
+        raise TrainingError(f"training {job.arm} under accelerate launch failed with exit code {proc.returncode}")
+    return json.loads((Path(job.work_dir) / "training_summary.json").read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of each rank: ``python -m sdpo.train.job JOB.json``."""
+    args = argv if argv is not None else sys.argv[1:]
+    if len(args) != 1:
+        print("usage: python -m sdpo.train.job JOB.json", file=sys.stderr)
+        return 2
+    run_job(TrainJob(**json.loads(Path(args[0]).read_text())))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
