@@ -16,7 +16,9 @@ change stamps (``st_dev``, ``st_ino``, ``st_size``, ``st_mtime_ns``, ``st_ctime_
   outside the dataset folder: DVC hashes that folder, and datasets may be read-only.
 
 Any write to a shard changes its mtime and ctime, and ctime cannot be set back from user space, so an edited, copied
-or replaced shard is hashed again. What a stat-based verdict cannot see is silent on-disk corruption (bit rot) or a
+or replaced shard is hashed again. File times are coarse (a few ms), so, as git does for its index, a verdict on a
+file changed less than :data:`RACY_NS` before it was checked is not cached: a same-size edit within the same clock
+tick would otherwise keep the stamp. What a stat-based verdict cannot see is silent on-disk corruption (bit rot) or a
 write that bypasses the file system; ``verify_dataset(folder, use_cache=False)`` (or ``SDPO_VERIFY_CACHE=off``)
 re-hashes everything. Processes verifying the same dataset at once (DDP ranks on one node) take a file lock on its
 record, so the data is read once and the others reuse the verdict.
@@ -31,6 +33,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -42,6 +45,7 @@ from sdpo.errors import DataError
 CACHE_ENV = "SDPO_VERIFY_CACHE"
 _DISABLED = {"", "0", "off", "false", "no", "none"}
 _RECORD_VERSION = 1
+RACY_NS = 2_000_000_000  # verdicts on files changed this recently are used once, never cached
 _log = logging.getLogger(__name__)
 _verified: set[tuple[Any, ...]] = set()  # in-process verdicts: keys of shards that passed
 _verified_lock = threading.Lock()
@@ -60,6 +64,15 @@ def _stamp(path: Path) -> dict[str, int]:
     st = path.stat()
     return {"dev": st.st_dev, "ino": st.st_ino, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
             "ctime_ns": st.st_ctime_ns}
+
+
+def _now_ns() -> int:
+    return time.time_ns()
+
+
+def _cacheable(stamp: dict[str, int]) -> bool:
+    """False for a file changed within :data:`RACY_NS` of now: a later edit could leave the same stamp."""
+    return _now_ns() - max(stamp["mtime_ns"], stamp["ctime_ns"]) >= RACY_NS
 
 
 def _key(digest: str, folder: Path, entry: dict[str, Any], stamp: dict[str, int]) -> tuple[Any, ...]:
@@ -195,8 +208,14 @@ def verify_dataset_with_digest(
         passed: dict[str, dict[str, Any]] = {}
         try:
             for entry, stamp in _check_all(folder, pending(record), workers):
-                if _stamp(folder / entry["name"]) != stamp:
+                try:
+                    changed = _stamp(folder / entry["name"]) != stamp
+                except OSError:
+                    changed = True
+                if changed:
                     raise DataError(f"{folder / entry['name']}: changed while it was being verified")
+                if not _cacheable(stamp):
+                    continue
                 passed[entry["name"]] = {"sha256": entry["sha256"], **stamp}
                 if use_cache:
                     with _verified_lock:

@@ -78,7 +78,7 @@ def _resolve_remote(spec: str) -> list[InputFile]:
         raise DataError(f"{spec}: cannot open this URI ({one_line(err)})") from None
     filesystem = _apply_retry_settings(filesystem)
     scheme = spec.split("://", 1)[0]
-    with reading(spec, "listing"):
+    with reading(spec, "lookup"):
         if glob.has_magic(base):
             root = re.split(r"[*?\[]", base, maxsplit=1)[0].rsplit("/", 1)[0]  # the folder above the first wildcard
             infos = filesystem.get_file_info(pafs.FileSelector(root, recursive=True))
