@@ -56,7 +56,10 @@ def verdict_cache_dir() -> Path | None:
     value = os.environ.get(CACHE_ENV)
     if value is not None:
         return None if value.strip().lower() in _DISABLED else Path(value).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    try:
+        base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    except RuntimeError:  # no home folder: verify without a record
+        return None
     return Path(base) / "sdpo" / "verified"
 
 
