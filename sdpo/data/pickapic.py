@@ -39,7 +39,7 @@ from sdpo.data.shards import (
     staged_dataset_dir,
     write_manifest,
 )
-from sdpo.data.sources import InputFile, reading, resolve_inputs
+from sdpo.data.sources import InputFile, reading, resolve_inputs  # resolve_inputs: also imported from here
 from sdpo.errors import DataError
 
 PICKAPIC_V2_SCHEMA = pa.schema(
@@ -81,7 +81,7 @@ ImageFormat = Literal["png", "jpg"]
 _ROWS_PER_TASK = 16
 
 
-# --- input checks ----------------------------------------------------------------------------
+# --- input checks -------------------------------------------------------------------------------------------
 
 
 def _check_type(path: str, schema: pa.Schema, column: str, ok: Callable[[pa.DataType], bool], expected: str) -> None:
@@ -113,6 +113,7 @@ def inspect_input(f: InputFile) -> tuple[pa.Schema, int]:
 
 
 def _input_sha256(f: InputFile, chunk: int = 1 << 22) -> tuple[int, str]:
+    # Not hashlib.file_digest: it cannot count the bytes it hashes, and an s3 stream has no size() or tell().
     digest, size = hashlib.sha256(), 0
     with reading(f.path, "reading"), f.filesystem.open_input_stream(f.fs_path) as stream:
         while block := stream.read(chunk):
