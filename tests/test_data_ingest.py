@@ -209,6 +209,7 @@ def test_exact_reject_counts_and_determinism_across_workers(mixed_parquet, tmp_p
         "empty_caption": per_kind,
         "image_too_small": per_kind,
         "invalid_label": per_kind,
+        "invisible_caption": 0,
         "missing_image": 0,
         "tie": per_kind,
         "undecodable_image": per_kind,

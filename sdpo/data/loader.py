@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,9 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from sdpo.data.shards import dataset_digest, index_shard, list_shards, read_manifest
+from sdpo.data.integrity import verify_dataset, verify_dataset_with_digest
+from sdpo.data.messages import one_line
+from sdpo.data.shards import index_shard
 from sdpo.errors import DataError
 
 _FIELDS = ("win", "lose", "txt", "json")
@@ -35,6 +38,35 @@ def decode_image(data: bytes) -> np.ndarray:
     """PNG/JPEG bytes -> RGB uint8 array HxWx3."""
     with Image.open(BytesIO(data)) as image:
         return np.array(image.convert("RGB"))
+
+
+def decode_pair(raw: dict[str, bytes], where: str, resolution: int | None = None) -> dict[str, Any]:
+    """Decode one sample's raw fields; any failure is a :class:`DataError` starting with ``where`` (shard and key).
+
+    Returns ``{"win", "lose": uint8 HxWx3, "caption": str, "meta": dict}``; with ``resolution`` both images must be
+    that many pixels square.
+    """
+    item: dict[str, Any] = {}
+    for stem in ("win", "lose"):
+        try:
+            image = decode_image(raw[stem])
+        except Exception as err:  # a PIL failure of any kind: name the sample, never a raw traceback
+            detail = f"{type(err).__name__}: {one_line(err)}"
+            raise DataError(f"{where}: the {stem} image does not decode ({detail})") from None
+        if resolution is not None and image.shape[:2] != (resolution, resolution):
+            height, width = image.shape[:2]
+            expected = f"{resolution}x{resolution}"
+            raise DataError(f"{where}: the {stem} image is {width}x{height}, the manifest says {expected}")
+        item[stem] = image
+    try:
+        item["caption"] = raw["txt"].decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{where}: the caption is not UTF-8 ({err})") from None
+    try:
+        item["meta"] = json.loads(raw["json"])
+    except ValueError as err:
+        raise DataError(f"{where}: the json field is not valid JSON ({err})") from None
+    return item
 
 
 def _field_names(fields: Sequence[str]) -> dict[str, str]:
@@ -48,24 +80,31 @@ class PairDataset(Dataset):
 
     ``dataset[i]`` is ``{"win": uint8 HxWx3, "lose": uint8 HxWx3, "caption": str, "key": str, "meta": dict}``.
     Reads use ``os.pread`` on per-process file descriptors, so the dataset is safe in DataLoader workers.
+
+    Opening verifies every shard against the manifest first (:func:`~sdpo.data.integrity.verify_dataset`: size,
+    sha256, tar structure, sample count; cached), so no sample of a changed shard is ever used; a sample that still
+    fails to decode raises a :class:`DataError` naming its shard and key.
     """
 
+    # The byte-offset index is our own rather than webdataset's ``wids``: wids is not in the installed webdataset
+    # 1.0.2 wheel (a separate ``wids`` package), and its ShardListDataset re-mmaps and re-parses a whole shard on each
+    # miss of a 10-shard per-process LRU (near every access under a global permutation of many shards), parses
+    # headers without their checksums, and copies local shards into /tmp; this index is built once, after
+    # verification, as numpy arrays that travel to workers with the pickled dataset.
     def __init__(self, shards_dir: str | Path):
         self.root = Path(shards_dir)
-        self.manifest: dict[str, Any] = read_manifest(self.root)
-        self.digest = dataset_digest(self.root)
-        self.shard_paths = list_shards(self.root)
+        self.manifest, self.digest = verify_dataset_with_digest(self.root)
+        self.resolution: int = self.manifest["resolution"]
+        self.shard_paths = [self.root / shard["name"] for shard in self.manifest["shards"]]
         keys: list[str] = []
         shard_ids: list[np.ndarray] = []
         offsets: list[np.ndarray] = []
         sizes: list[np.ndarray] = []
-        for shard_id, path in enumerate(self.shard_paths):
-            entries = index_shard(path)
+        for shard_id, (path, shard) in enumerate(zip(self.shard_paths, self.manifest["shards"], strict=True)):
+            entries = index_shard(path, expected_pairs=shard["pairs"])
             table = np.zeros((len(entries), 2, len(_FIELDS)), dtype=np.int64)
             for row, (key, members) in enumerate(entries):
                 names = _field_names(list(members))
-                if len(names) != len(_FIELDS):
-                    raise DataError(f"{path}: sample {key!r} has fields {sorted(members)}, expected {_FIELDS}")
                 for col, stem in enumerate(_FIELDS):
                     ref = members[names[stem]]
                     table[row, :, col] = (ref.offset, ref.size)
@@ -73,10 +112,6 @@ class PairDataset(Dataset):
             shard_ids.append(np.full(len(entries), shard_id, dtype=np.int32))
             offsets.append(table[:, 0])
             sizes.append(table[:, 1])
-        if len(keys) != self.manifest["pairs_written"]:
-            raise DataError(
-                f"{self.root}: shards hold {len(keys)} pairs, the manifest says {self.manifest['pairs_written']}"
-            )
         self.keys = keys
         self._shard_ids = np.concatenate(shard_ids) if shard_ids else np.zeros(0, np.int32)
         self._offsets = np.concatenate(offsets) if offsets else np.zeros((0, len(_FIELDS)), np.int64)
@@ -115,15 +150,16 @@ class PairDataset(Dataset):
             stem: os.pread(fd, int(self._sizes[i, col]), int(self._offsets[i, col])) for col, stem in enumerate(_FIELDS)
         }
 
+    def describe(self, i: int) -> str:
+        """``"<shard path>: sample '<key>'"``: where sample ``i`` lives, for messages."""
+        return f"{self.shard_paths[int(self._shard_ids[i])]}: sample {self.keys[i]!r}"
+
     def __getitem__(self, i: int) -> dict[str, Any]:
         raw = self.read_fields(i)
-        return {
-            "win": decode_image(raw["win"]),
-            "lose": decode_image(raw["lose"]),
-            "caption": raw["txt"].decode("utf-8"),
-            "key": self.keys[i],
-            "meta": json.loads(raw["json"]),
-        }
+        i = i % len(self)
+        item = decode_pair(raw, self.describe(i), self.resolution)
+        return {"win": item["win"], "lose": item["lose"], "caption": item["caption"], "key": self.keys[i],
+                "meta": item["meta"]}
 
 
 # --- the resumable loader -----------------------------------------------------------------------------------
@@ -135,8 +171,21 @@ def _generator(seed: int, epoch: int, stream: str) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "big") & (2**63 - 1))
 
 
-def collate_pairs(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack pairs into ``{"win", "lose": float32 [B, 3, H, W] in [-1, 1], "caption", "key": lists}``."""
+@dataclass(frozen=True)
+class SampleFailure:
+    """A sample that could not be loaded, carried as data so a DataLoader worker's error stays one clean line."""
+
+    message: str
+
+
+def collate_pairs(items: list[dict[str, Any] | SampleFailure]) -> dict[str, Any] | SampleFailure:
+    """Stack pairs into ``{"win", "lose": float32 [B, 3, H, W] in [-1, 1], "caption", "key": lists}``.
+
+    A :class:`SampleFailure` among the items is returned instead of a batch.
+    """
+    for item in items:
+        if isinstance(item, SampleFailure):
+            return item
 
     def to_tensor(images: list[np.ndarray]) -> torch.Tensor:
         batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float()
@@ -159,9 +208,12 @@ class _FlippedView(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: tuple[int, bool]) -> dict[str, Any]:
+    def __getitem__(self, index: tuple[int, bool]) -> dict[str, Any] | SampleFailure:
         i, flip = index
-        item = self.dataset[i]
+        try:
+            item = self.dataset[i]
+        except DataError as err:  # raised in a worker, torch would wrap it in a multi-line traceback text
+            return SampleFailure(str(err))
         if flip:
             item["win"] = np.ascontiguousarray(item["win"][:, ::-1])
             item["lose"] = np.ascontiguousarray(item["lose"][:, ::-1])
@@ -257,6 +309,8 @@ class PairLoader:
             prefetch_factor=self.prefetch_factor if workers > 0 else None,
         )
         for batch in loader:
+            if isinstance(batch, SampleFailure):
+                raise DataError(batch.message)
             self._advance()
             yield batch
 
@@ -293,13 +347,18 @@ class PairLoader:
 # --- streaming (multi-node) ---------------------------------------------------------------------------------
 
 
-def _stream_pair(sample: dict[str, Any], seed: int, random_flip: bool) -> dict[str, Any]:
+def _stream_pair(sample: dict[str, Any], seed: int, random_flip: bool, resolution: int | None) -> dict[str, Any]:
     names = _field_names([k for k in sample if not k.startswith("__")])
-    win, lose = sample[names["win"]], sample[names["lose"]]
     key = sample["__key__"]
+    where = f"{sample.get('__url__', '?')}: sample {key!r}"
+    missing = [stem for stem in _FIELDS if stem not in names]
+    if missing:
+        raise DataError(f"{where}: no {', '.join(missing)} field")
+    item = decode_pair({stem: sample[name] for stem, name in names.items()}, where, resolution)
+    win, lose = item["win"], item["lose"]
     if random_flip and hashlib.sha256(f"{seed}:{key}".encode()).digest()[0] & 1:
         win, lose = np.ascontiguousarray(win[:, ::-1]), np.ascontiguousarray(lose[:, ::-1])
-    return {"win": win, "lose": lose, "caption": sample["txt"], "key": key, "meta": sample["json"]}
+    return {"win": win, "lose": lose, "caption": item["caption"], "key": key, "meta": item["meta"]}
 
 
 def webdataset_pipeline(
@@ -314,15 +373,19 @@ def webdataset_pipeline(
 ) -> wds.WebDataset:
     """Stream batches (same format as :class:`PairLoader`) from shards with WebDataset: the multi-node path.
 
-    ``urls`` is a dataset folder (its manifest lists the shards), or shard paths/URLs (``pipe:``, ``s3://`` via
-    gopen, brace patterns). Shards are split across ranks with ``wds.split_by_node`` and across DataLoader workers;
-    with ``shuffle`` the shard order (deterministic from ``seed`` and the epoch) and a sample buffer are shuffled.
-    Ranks may see different numbers of batches when shards are uneven, which hangs DDP: pass ``batches_per_epoch``
-    (repeats the stream and cuts every epoch to that many batches on each rank and worker). Wrap the result in
-    ``wds.WebLoader(pipeline, batch_size=None, num_workers=K)`` for worker processes.
+    ``urls`` is a dataset folder (verified first; its manifest lists the shards), or shard paths/URLs (``pipe:``,
+    ``s3://`` via gopen, brace patterns). Shards are split across ranks with ``wds.split_by_node`` and across
+    DataLoader workers; with ``shuffle`` the shard order (deterministic from ``seed`` and the epoch) and a sample
+    buffer are shuffled. Decode failures name the shard and key. Ranks may see different numbers of batches when
+    shards are uneven, which hangs DDP: pass ``batches_per_epoch`` (repeats the stream and cuts every epoch to that
+    many batches on each rank and worker). Wrap the result in ``wds.WebLoader(pipeline, batch_size=None,
+    num_workers=K)`` for worker processes.
     """
+    resolution = None
     if isinstance(urls, str | Path) and Path(urls).is_dir():
-        urls = [str(p) for p in list_shards(urls)]
+        manifest = verify_dataset(urls)  # a local dataset is verified like PairDataset's; URLs are streamed as given
+        resolution = manifest["resolution"]
+        urls = [str(Path(urls) / shard["name"]) for shard in manifest["shards"]]
     elif isinstance(urls, Path):
         urls = [str(urls)]
     pipeline = wds.WebDataset(
@@ -335,7 +398,7 @@ def webdataset_pipeline(
     )
     if shuffle:
         pipeline = pipeline.shuffle(shuffle_buffer, seed=seed)
-    pipeline = pipeline.decode("rgb8").map(functools.partial(_stream_pair, seed=seed, random_flip=random_flip))
+    pipeline = pipeline.map(functools.partial(_stream_pair, seed=seed, random_flip=random_flip, resolution=resolution))
     pipeline = pipeline.batched(batch_size, collation_fn=collate_pairs, partial=False)
     if batches_per_epoch is not None:
         pipeline = pipeline.with_epoch(nbatches=batches_per_epoch)  # repeats the stream as needed

@@ -2,6 +2,7 @@
 
 Keys are only unique within a part (they count input files from zero), so samples are re-keyed with their part
 number (``p0003_...``) and re-written through the deterministic shard writer. Rejects and counts are concatenated.
+Every part is verified against its manifest (:func:`~sdpo.data.integrity.verify_dataset`) before anything is written.
 """
 
 from __future__ import annotations
@@ -10,13 +11,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from sdpo.data.integrity import verify_dataset
 from sdpo.data.shards import (
     REJECTS_NAME,
     SCHEMA_VERSION,
     ShardWriter,
     index_shard,
-    list_shards,
-    read_manifest,
     staged_dataset_dir,
     write_manifest,
 )
@@ -27,7 +27,7 @@ def merge_datasets(parts: list[str | Path], out_dir: str | Path, *, shard_max_pa
     """Concatenate the datasets in ``parts`` (in the given order) into ``out_dir``; returns the new manifest."""
     if not parts:
         raise DataError("merge_datasets: no parts to merge")
-    manifests = [read_manifest(p) for p in parts]
+    manifests = [verify_dataset(p) for p in parts]  # every shard of every part, before anything is written
     resolutions = {m["resolution"] for m in manifests}
     if len(resolutions) != 1:
         names = [str(p) for p in parts]
@@ -38,9 +38,10 @@ def merge_datasets(parts: list[str | Path], out_dir: str | Path, *, shard_max_pa
     with staged_dataset_dir(out_dir) as staging:
         with ShardWriter(staging, shard_max_pairs) as writer, open(staging / REJECTS_NAME, "wb") as rejects:
             for index, part in enumerate(parts):
-                for shard in list_shards(part):
+                for entry in manifests[index]["shards"]:
+                    shard = Path(part) / entry["name"]
                     with open(shard, "rb") as f:
-                        for key, fields in index_shard(shard):
+                        for key, fields in index_shard(shard, expected_pairs=entry["pairs"]):
                             data = {}
                             for name, ref in sorted(fields.items()):
                                 f.seek(ref.offset)

@@ -1,25 +1,24 @@
 """Pick-a-Pic v2 parquet -> validated WebDataset shards (``sdpo ingest``).
 
 Parquet is streamed with ``pyarrow.dataset`` (column projection; the tie filter is pushed down), every row is
-validated, the winner is put first, images are resized (shorter side) and centre-cropped to the resolution, and pairs
-are written into deterministic shards inside a temporary sibling folder that replaces the output folder at the end.
+validated, the winner is put first, images are normalised (:mod:`sdpo.data.normalize`: EXIF orientation applied,
+16-bit scaled to 8 bit, transparency composited onto white), resized (shorter side) and centre-cropped to the
+resolution, and pairs are written into deterministic shards inside a temporary sibling folder that replaces the output
+folder at the end. Inputs are resolved by :mod:`sdpo.data.sources`; an input that cannot be reached or read stops
+ingestion with one line naming it.
 Bad input (no files, not parquet, a missing column, zero rows) stops before anything is written; a bad row is only
 counted in ``skipped`` and recorded in ``rejects.jsonl``.
 """
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import math
-import os
-import re
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from fnmatch import fnmatch
 from io import BytesIO
 from pathlib import Path
 from typing import Any, Literal
@@ -28,10 +27,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 
+from sdpo.data.messages import one_line
+from sdpo.data.normalize import describe_code_points, has_visible_text, to_rgb8
 from sdpo.data.shards import (
     REJECTS_NAME,
     SCHEMA_VERSION,
@@ -39,6 +39,7 @@ from sdpo.data.shards import (
     staged_dataset_dir,
     write_manifest,
 )
+from sdpo.data.sources import InputFile, reading, resolve_inputs  # resolve_inputs: also imported from here
 from sdpo.errors import DataError
 
 PICKAPIC_V2_SCHEMA = pa.schema(
@@ -70,6 +71,7 @@ SKIP_REASONS = (
     "tie",
     "invalid_label",
     "empty_caption",
+    "invisible_caption",
     "duplicate_ranking_id",
     "missing_image",
     "undecodable_image",
@@ -77,85 +79,9 @@ SKIP_REASONS = (
 )
 ImageFormat = Literal["png", "jpg"]
 _ROWS_PER_TASK = 16
-_MEMORY_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
-# --- input resolution and checks ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class InputFile:
-    """One parquet file: ``path`` as recorded in the manifest, and how pyarrow reaches it."""
-
-    path: str
-    filesystem: pafs.FileSystem
-    fs_path: str
-
-
-def _is_hidden(name: str) -> bool:
-    return name.startswith((".", "_"))  # _SUCCESS, .crc and similar side files of writers
-
-
-def _resolve_remote(spec: str) -> list[InputFile]:
-    try:
-        filesystem, base = pafs.FileSystem.from_uri(spec)
-    except (pa.ArrowException, ValueError) as err:
-        raise DataError(f"{spec}: cannot open this URI ({err})") from None
-    scheme = spec.split("://", 1)[0]
-    if glob.has_magic(base):
-        root = re.split(r"[*?\[]", base, maxsplit=1)[0].rsplit("/", 1)[0]  # the folder above the first wildcard
-        infos = filesystem.get_file_info(pafs.FileSelector(root, recursive=True))
-        paths = [i.path for i in infos if i.type == pafs.FileType.File and fnmatch(i.path, base)]
-    else:
-        info = filesystem.get_file_info(base)
-        if info.type == pafs.FileType.NotFound:
-            raise DataError(f"{spec}: not found")
-        if info.type == pafs.FileType.File:
-            paths = [base]
-        else:
-            infos = filesystem.get_file_info(pafs.FileSelector(base, recursive=True))
-            paths = [
-                i.path
-                for i in infos
-                if i.type == pafs.FileType.File and i.path.endswith(".parquet") and not _is_hidden(i.base_name)
-            ]
-    return [InputFile(f"{scheme}://{p}", filesystem, p) for p in sorted(paths)]
-
-
-def _resolve_local(spec: str) -> list[InputFile]:
-    local = pafs.LocalFileSystem()
-    if glob.has_magic(spec):
-        paths = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
-    elif os.path.isdir(spec):
-        found = (p for p in Path(spec).rglob("*.parquet") if p.is_file())
-        paths = sorted(str(p) for p in found if not any(map(_is_hidden, p.relative_to(spec).parts)))
-    elif os.path.isfile(spec):
-        paths = [spec]
-    else:
-        raise DataError(f"{spec}: no such file or folder")
-    return [InputFile(p, local, os.path.abspath(p)) for p in paths]
-
-
-def resolve_inputs(inputs: str | Iterable[str]) -> list[InputFile]:
-    """Expand files, folders (``*.parquet`` inside, recursively), globs and URIs (``s3://...``) into parquet files.
-
-    Order: the specs in the given order, each one's files sorted; duplicates dropped. :class:`DataError` when a spec
-    matches nothing.
-    """
-    specs = [inputs] if isinstance(inputs, str | os.PathLike) else list(inputs)
-    if not specs:
-        raise DataError("no input given: pass a parquet file, folder, glob or s3:// URI")
-    files: list[InputFile] = []
-    seen: set[str] = set()
-    for spec in map(str, specs):
-        found = _resolve_remote(spec) if "://" in spec else _resolve_local(spec)
-        if not found:
-            raise DataError(f"{spec}: matches no parquet files")
-        for f in found:
-            if f.path not in seen:
-                seen.add(f.path)
-                files.append(f)
-    return files
+# --- input checks -------------------------------------------------------------------------------------------
 
 
 def _check_type(path: str, schema: pa.Schema, column: str, ok: Callable[[pa.DataType], bool], expected: str) -> None:
@@ -165,13 +91,15 @@ def _check_type(path: str, schema: pa.Schema, column: str, ok: Callable[[pa.Data
 
 
 def inspect_input(f: InputFile) -> tuple[pa.Schema, int]:
-    """Schema and row count of one input; :class:`DataError` if it is not parquet or lacks a required column."""
-    try:
-        with f.filesystem.open_input_file(f.fs_path) as handle:
+    """Schema and row count of one input; :class:`DataError` if it cannot be read, is not parquet or lacks a column."""
+    with reading(f.path, "opening"):  # network, credentials, permissions: before any parsing
+        handle = f.filesystem.open_input_file(f.fs_path)
+    with handle:
+        try:
             meta = pq.ParquetFile(handle)
             schema, rows = meta.schema_arrow, meta.metadata.num_rows
-    except (pa.ArrowException, OSError) as err:
-        raise DataError(f"{f.path}: not a parquet file ({err})") from None
+        except (pa.ArrowException, OSError) as err:
+            raise DataError(f"{f.path}: not a parquet file ({one_line(err)})") from None
     missing = [c for c in REQUIRED_COLUMNS if c not in schema.names]
     if missing:
         raise DataError(f"{f.path}: missing required column(s) {missing}; found {schema.names}")
@@ -185,8 +113,9 @@ def inspect_input(f: InputFile) -> tuple[pa.Schema, int]:
 
 
 def _input_sha256(f: InputFile, chunk: int = 1 << 22) -> tuple[int, str]:
+    # Not hashlib.file_digest: it cannot count the bytes it hashes, and an s3 stream has no size() or tell().
     digest, size = hashlib.sha256(), 0
-    with f.filesystem.open_input_stream(f.fs_path) as stream:
+    with reading(f.path, "reading"), f.filesystem.open_input_stream(f.fs_path) as stream:
         while block := stream.read(chunk):
             digest.update(block)
             size += len(block)
@@ -243,7 +172,7 @@ def _check_label(label_0: float | None, label_1: float | None, keep_ties: bool) 
 
 
 def _prepare_image(data: bytes | None, column: str, options: RowOptions) -> bytes:
-    """Decode (any mode -> RGB), check the size, resize the shorter side, centre-crop, re-encode."""
+    """Decode, check the size, normalise (:func:`~sdpo.data.normalize.to_rgb8`), resize, centre-crop, re-encode."""
     if not data:
         raise _RowRejected("missing_image", f"{column} is empty")
     try:
@@ -253,13 +182,11 @@ def _prepare_image(data: bytes | None, column: str, options: RowOptions) -> byte
             raise _RowRejected("image_too_small", f"{column} is {width}x{height}, smaller than {options.min_size} px")
         image.draft("RGB", (options.resolution, options.resolution))  # JPEG: decode at a reduced scale, much faster
         image.load()
-        if image.mode == "P":
-            image = image.convert("RGBA")
-        image = image.convert("RGB")
+        image = to_rgb8(image)  # EXIF orientation, 16-bit scaling, transparency on ALPHA_BACKGROUND
     except _RowRejected:
         raise
     except Exception as err:  # any decoder failure is a bad row, never a crash
-        message = _MEMORY_ADDRESS.sub("", str(err))  # "<_io.BytesIO object at 0x7f..>" would break reproducibility
+        message = one_line(err)  # no "<_io.BytesIO object at 0x7f..>": that would break reproducibility
         raise _RowRejected("undecodable_image", f"{column}: {type(err).__name__}: {message}") from None
     size = (options.resolution, options.resolution)
     image = ImageOps.fit(image, size, method=Image.Resampling.LANCZOS, centering=(0.5, 0.5))
@@ -287,6 +214,9 @@ def validate_row(
         caption = caption.strip()
         if not caption:
             raise _RowRejected("empty_caption", "caption is empty")
+        if not has_visible_text(caption):
+            detail = f"caption has no visible character ({describe_code_points(caption)})"
+            raise _RowRejected("invisible_caption", detail)
         images = [_prepare_image(jpg_0, "jpg_0", options), _prepare_image(jpg_1, "jpg_1", options)]
     except _RowRejected as rejected:
         return Rejected(rejected.reason, str(rejected))
@@ -322,11 +252,25 @@ def _tie_filter(keep_ties: bool) -> ds.Expression | None:
 
 def _kept_rows(f: InputFile, keep_ties: bool) -> np.ndarray:
     """Original row numbers that pass the tie filter (the scanner drops the others, and with them the row numbers)."""
-    with f.filesystem.open_input_file(f.fs_path) as handle:
+    with reading(f.path, "reading labels"), f.filesystem.open_input_file(f.fs_path) as handle:
         labels = pq.ParquetFile(handle).read(columns=["label_0"]).column(0)
     values = labels.cast(pa.float64()).to_numpy(zero_copy_only=False)  # null -> NaN
     keep = np.ones(len(values), bool) if keep_ties else ~(values == 0.5)
     return np.flatnonzero(keep)
+
+
+def _batches(f: InputFile, columns: list[str], keep_ties: bool) -> Iterator[pa.RecordBatch]:
+    """Record batches of one input (projected, tie filter pushed down); read failures name the input."""
+    with reading(f.path, "scanning"):
+        dataset = ds.dataset(f.fs_path, filesystem=f.filesystem, format="parquet")
+        scanner = dataset.scanner(
+            columns=columns,
+            filter=_tie_filter(keep_ties),
+            batch_size=_ROWS_PER_TASK,
+            batch_readahead=2,
+            fragment_readahead=1,
+        )
+        yield from scanner.to_batches()
 
 
 def _scan(
@@ -337,17 +281,9 @@ def _scan(
     for file_index, (f, (schema, num_rows)) in enumerate(zip(files, inspected, strict=True)):
         columns = list(REQUIRED_COLUMNS) + [c for c in OPTIONAL_COLUMNS if c in schema.names]
         kept = _kept_rows(f, options.keep_ties)
-        dataset = ds.dataset(f.fs_path, filesystem=f.filesystem, format="parquet")
         skipped["tie"] += num_rows - len(kept)
-        scanner = dataset.scanner(
-            columns=columns,
-            filter=_tie_filter(options.keep_ties),
-            batch_size=_ROWS_PER_TASK,
-            batch_readahead=2,
-            fragment_readahead=1,
-        )
         position = 0
-        for batch in scanner.to_batches():
+        for batch in _batches(f, columns, options.keep_ties):
             if batch.num_rows == 0:
                 continue
             data = batch.to_pydict()

@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tarfile
 import uuid
@@ -25,6 +26,8 @@ SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 REJECTS_NAME = "rejects.jsonl"
 SHARD_PATTERN = "pairs-%06d.tar"
+SHARD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\.tar")  # a plain file name: no separators, cannot be "..."
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 MANIFEST_KEYS = ("schema_version", "inputs", "rows_read", "pairs_written", "skipped", "shards", "config", "resolution")
 SAMPLE_FIELDS = ("win", "lose", "txt", "json")
 
@@ -35,8 +38,8 @@ def manifest_bytes(manifest: dict[str, Any]) -> bytes:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary sibling and ``os.replace``."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    """Write ``data`` to ``path`` through a unique temporary sibling and ``os.replace`` (safe across threads)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         tmp.write_bytes(data)
         os.replace(tmp, path)
@@ -51,16 +54,33 @@ def write_manifest(folder: str | Path, manifest: dict[str, Any]) -> Path:
     return path
 
 
-def read_manifest(folder: str | Path) -> dict[str, Any]:
-    """Read and check the manifest of a dataset folder; :class:`DataError` if it is missing or inconsistent."""
-    folder = Path(folder)
-    path = folder / MANIFEST_NAME
-    if not path.is_file():
+def check_shard_name(name: object, where: str | Path) -> str:
+    """A manifest's shard name must be a plain ``*.tar`` file name inside the dataset folder (no folders, no ``..``)."""
+    if not isinstance(name, str) or not SHARD_NAME.fullmatch(name):
         raise DataError(
-            f"{folder}: no {MANIFEST_NAME}; a folder without a manifest is not a dataset (make one with `sdpo ingest`)"
+            f"{where}: shard name {name!r} is not a plain file name inside the dataset folder "
+            f"(letters, digits, '_', '-', '.', ending in .tar, e.g. {SHARD_PATTERN % 0})"
         )
+    return name
+
+
+def _check_shard_entry(entry: object, path: Path) -> None:
+    if not isinstance(entry, dict):
+        raise DataError(f"{path}: a shard entry is {type(entry).__name__}, expected an object")
+    name = check_shard_name(entry.get("name"), path)
+    for field in ("pairs", "bytes"):
+        value = entry.get(field)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise DataError(f"{path}: shard {name}: {field} is {value!r}, expected a whole number")
+    sha256 = entry.get("sha256")
+    if not isinstance(sha256, str) or not _SHA256.fullmatch(sha256):
+        raise DataError(f"{path}: shard {name}: sha256 is {sha256!r}, expected 64 lowercase hex digits")
+
+
+def _parse_manifest(folder: Path, data: bytes) -> dict[str, Any]:
+    path = folder / MANIFEST_NAME
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        manifest = json.loads(data.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise DataError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(manifest, dict):
@@ -70,16 +90,46 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
         raise DataError(f"{path}: missing keys {missing}")
     if manifest["schema_version"] != SCHEMA_VERSION:
         raise DataError(f"{path}: schema_version {manifest['schema_version']!r}, this sdpo reads {SCHEMA_VERSION}")
+    if not isinstance(manifest["shards"], list):
+        raise DataError(f"{path}: shards is {type(manifest['shards']).__name__}, expected a list")
+    names: set[str] = set()
+    for entry in manifest["shards"]:
+        _check_shard_entry(entry, path)  # before any shard path is built from the name
+        if entry["name"] in names:
+            raise DataError(f"{path}: shard {entry['name']} is listed twice")
+        names.add(entry["name"])
     if sum(shard["pairs"] for shard in manifest["shards"]) != manifest["pairs_written"]:
         raise DataError(f"{path}: shard pair counts do not add up to pairs_written={manifest['pairs_written']}")
     for shard in manifest["shards"]:
         shard_path = folder / shard["name"]
         if not shard_path.is_file():
-            raise DataError(f"{path}: listed shard {shard['name']} is missing")
+            raise DataError(f"{shard_path}: listed in {MANIFEST_NAME} but missing")
         size = shard_path.stat().st_size
         if size != shard["bytes"]:
             raise DataError(f"{shard_path}: size {size} differs from the manifest ({shard['bytes']} bytes)")
     return manifest
+
+
+def read_manifest_and_digest(folder: str | Path) -> tuple[dict[str, Any], str]:
+    """The checked manifest and the sha256 of the very bytes it was parsed from (see :func:`read_manifest`)."""
+    folder = Path(folder)
+    path = folder / MANIFEST_NAME
+    if not path.is_file():
+        raise DataError(
+            f"{folder}: no {MANIFEST_NAME}; a folder without a manifest is not a dataset (make one with `sdpo ingest`)"
+        )
+    data = path.read_bytes()
+    return _parse_manifest(folder, data), hashlib.sha256(data).hexdigest()
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any]:
+    """Read and check the manifest of a dataset folder; :class:`DataError` if it is missing or inconsistent.
+
+    Checks the keys, the schema version, every shard entry (a plain file name inside the folder, whole-number
+    counts, a sha256), that pair counts add up, and that each shard exists with the listed size. Shard contents are
+    checked by :func:`sdpo.data.integrity.verify_dataset`.
+    """
+    return read_manifest_and_digest(folder)[0]
 
 
 def list_shards(folder: str | Path) -> list[Path]:
@@ -96,21 +146,17 @@ def dataset_digest(folder: str | Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    """sha256 of a local file, streamed."""
-    digest = hashlib.sha256()
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a local file, streamed (:func:`hashlib.file_digest`)."""
     with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def verify_shards(folder: str | Path) -> None:
-    """Check every shard's sha256 against the manifest; :class:`DataError` naming the first mismatch."""
-    folder = Path(folder)
-    for shard in read_manifest(folder)["shards"]:
-        if file_sha256(folder / shard["name"]) != shard["sha256"]:
-            raise DataError(f"{folder / shard['name']}: sha256 differs from the manifest (corrupted or replaced)")
+    """Check every shard of a dataset now, bypassing verdict caches (:func:`sdpo.data.integrity.verify_dataset`)."""
+    from sdpo.data.integrity import verify_dataset  # integrity builds on this module
+
+    verify_dataset(folder, use_cache=False)
 
 
 # --- writing ------------------------------------------------------------------------------------------------
@@ -231,17 +277,53 @@ class MemberRef:
     size: int
 
 
-def index_shard(path: str | Path) -> list[tuple[str, dict[str, MemberRef]]]:
-    """``[(key, {field: MemberRef})]`` for the samples of one shard, in file order (reads only the headers)."""
+def _check_end(path: Path, raw: Any, end: int) -> None:
+    """After the last member only zeros may follow; otherwise a header was corrupt and tarfile stopped there."""
+    raw.seek(end)
+    while block := raw.read(1 << 20):
+        if block.count(0) != len(block):
+            raise DataError(f"{path}: tar header corrupt at byte {end} (the archive stops there but data follows)")
+
+
+def index_shard(
+    path: str | Path, expected_pairs: int | None = None, fields: tuple[str, ...] | None = SAMPLE_FIELDS
+) -> list[tuple[str, dict[str, MemberRef]]]:
+    """``[(key, {field: MemberRef})]`` for the samples of one shard, in file order (reads only the headers).
+
+    Every problem is a :class:`DataError` naming the shard: not a tar, a corrupt header (tarfile silently ends the
+    archive at a bad header: the bytes after the end are checked), a member that is not a regular file or appears
+    twice, a bad key, a sample without exactly one member per stem in ``fields`` (None: any), or a sample count
+    other than ``expected_pairs``.
+    """
     path = Path(path)
     samples: dict[str, dict[str, MemberRef]] = {}
+    opened = False
     try:
-        with tarfile.open(path, mode="r:") as tar:
+        with open(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r:") as tar:
+            opened = True  # the first header is valid: later failures are corrupt headers
             for member in tar:
                 if not member.isfile():
-                    continue
+                    raise DataError(f"{path}: member {member.name!r} is not a regular file")
                 key, _, field = member.name.partition(".")
-                samples.setdefault(key, {})[field] = MemberRef(path, member.offset_data, member.size)
+                if not key or "/" in key or not field:
+                    raise DataError(f"{path}: member {member.name!r} is not KEY.FIELD with a key without slashes")
+                entry = samples.setdefault(key, {})
+                if field in entry:
+                    raise DataError(f"{path}: member {member.name!r} appears twice")
+                entry[field] = MemberRef(path, member.offset_data, member.size)
+            _check_end(path, raw, tar.offset)
     except tarfile.TarError as err:
-        raise DataError(f"{path}: not a readable tar shard ({err})") from None
+        detail = " ".join(str(err).split())
+        if not opened:
+            raise DataError(f"{path}: not a tar file ({detail})") from None
+        raise DataError(f"{path}: tar header corrupt ({detail})") from None
+    except FileNotFoundError:
+        raise DataError(f"{path}: shard is missing") from None
+    if fields is not None:
+        for key, members in samples.items():
+            stems = sorted(name.split(".", 1)[0] for name in members)
+            if stems != sorted(fields):
+                raise DataError(f"{path}: sample {key!r} has members {sorted(members)}, expected one each of {fields}")
+    if expected_pairs is not None and len(samples) != expected_pairs:
+        raise DataError(f"{path}: holds {len(samples)} samples, the manifest lists {expected_pairs}")
     return list(samples.items())
