@@ -152,8 +152,13 @@ def run_s3(flow_args: list[str]) -> int:
         cmd = [sys.executable, str(project / "flows" / "sdpo_flow.py"), "--datastore=s3", "run", "--set", overrides]
         code = subprocess.run(cmd, env=env, cwd=tmp, check=False).returncode
         keys = s3.keys()
-        tops = sorted({"/".join(k.split("/")[:3]) for k in keys})
-        print(f"\n{len(keys)} objects in s3://{s3.bucket}:", *[f"  s3://{s3.bucket}/{t}/..." for t in tops], sep="\n")
+        tops: dict[str, int] = {}
+        for key in keys:
+            parts = key.split("/")
+            top = "/".join(parts[:3]) + ("/" if len(parts) > 3 else "")
+            tops[top] = tops.get(top, 0) + 1
+        print(f"\n{len(keys)} objects in s3://{s3.bucket}:",
+              *[f"  s3://{s3.bucket}/{top}  ({n} objects)" for top, n in sorted(tops.items())], sep="\n")
         print("the servers stop now: this stack is gone when the command ends (run it again to repeat)")
     return code
 

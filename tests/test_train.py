@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -98,22 +96,45 @@ def test_lora_mode_saves_adapter_and_merged_pipeline(tiny_models, small_shards, 
     base.load_lora_weights(str(tmp_path / "lora"))
 
 
-def test_cli_train_writes_model(tiny_models, small_shards, tmp_path):
-    code = cli(["train", "--config", "params.yaml", "--shards", str(small_shards), "--base", str(tiny_models["sd15"]),
-                "--out", str(tmp_path), "--no-mlflow", "--set", "train.steps=1", "--set", "train.batch_size=4",
-                "--set", "train.heldout_every=0"])
-    assert code == 0 and (tmp_path / "model" / "model_index.json").exists()
+def test_cli_train_writes_model_under_the_layout(tiny_models, small_shards, tmp_path, monkeypatch):
+    """`sdpo train --variant` reads ROOT/shards/train and the recorded base, writes ROOT/models/VARIANT."""
+    import shutil
+
+    from sdpo import fs
+
+    root = tmp_path / "root"
+    shutil.copytree(small_shards, root / "shards" / "train")
+    fs.write_json(root / "models" / "base" / "base.json", {"uri": str(tiny_models["sd15"])})
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    args = ["train", "--config", "params.yaml", "--variant", "dpo-sdpo", "--set", f"data.root={root}",
+            "--set", "train.steps=1", "--set", "train.batch_size=4", "--set", "train.heldout_every=0"]
+    assert cli(args) == 0 and (root / "models" / "dpo-sdpo" / "model" / "model_index.json").exists()
+    assert cli(args) == 2  # a second run would silently discard the first one's checkpoints
+    assert cli([*args, "--overwrite"]) == 0
 
 
 def test_two_process_run_keeps_ranks_in_sync(tiny_models, small_shards, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "-m", "sdpo.cli", "train", "--config", "params.yaml", "--shards", str(small_shards),
-           "--base", str(tiny_models["sd15"]), "--out", str(tmp_path), "--no-mlflow",
-           "--set", "train.steps=2", "--set", "train.batch_size=2", "--set", "train.heldout_every=0",
-           "--set", "train.safeguard=batch"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads((tmp_path / "training_summary.json").read_text())
+    """train.accelerate_config makes the train stage run every rank under `accelerate launch` (gloo on CPU)."""
+    import shutil
+
+    import yaml
+
+    from sdpo import fs, stages
+
+    root = tmp_path / "root"
+    shutil.copytree(small_shards, root / "shards" / "train")
+    fs.write_json(root / "models" / "base" / "base.json", {"uri": str(tiny_models["sd15"])})
+    launcher = tmp_path / "two_cpu_processes.yaml"
+    launcher.write_text(yaml.safe_dump({"compute_environment": "LOCAL_MACHINE", "distributed_type": "MULTI_GPU",
+                                        "num_processes": 2, "num_machines": 1, "mixed_precision": "no",
+                                        "dynamo_config": {}, "use_cpu": False, "main_training_function": "main"}))
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    ctx = stages.StageContext.load(Path(__file__).resolve().parents[1] / "params.yaml", [
+        f"data.root={root}", "train.steps=2", "train.batch_size=2", "train.heldout_every=0",
+        "train.variants.dpo-sdpo.safeguard=batch", f"train.accelerate_config={launcher}"])
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    try:
+        summary = stages.train(ctx, "dpo-sdpo")
+    finally:
+        os.environ.pop("MLFLOW_TRACKING_URI")
     assert summary["num_processes"] == 2 and summary["ranks_in_sync"] is True
