@@ -115,6 +115,7 @@ def run_library_sequence(root: Path, overrides: list[str]) -> dict[str, list[flo
     Returns the seconds of each call, grouped by the flow step it stands for.
     """
     import sdpo.pipeline as pipeline
+
     from sdpo.config import load_config
 
     seconds: dict[str, list[float]] = {}
