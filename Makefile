@@ -18,7 +18,7 @@ export GIT_PYTHON_REFRESH := quiet
 # Idle OpenMP threads sleep instead of spinning: parallel flow branches on a small CPU otherwise slow each other 10x.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: setup run test lint mlflow-ui bench clean
+.PHONY: setup run run-s3 test lint mlflow-ui bench clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,11 @@ $(STAMP): pyproject.toml constraints.txt
 
 run: setup
 	$(PY) flows/sdpo_flow.py run
+
+# The cloud shape without an account: a local S3 server and an MLflow server with S3 artifacts, the flow on
+# Metaflow's S3 datastore with data.root in the bucket; prints where everything went, then stops both servers.
+run-s3: setup
+	$(PY) -m sdpo.devstack run-s3
 
 test: setup lint
 	$(PY) -m pytest

@@ -3,9 +3,9 @@
 Both sides run as fresh processes, each in its own temporary folder (data root, toy-base cache, Metaflow datastore,
 MLflow SQLite store), with the same tiny settings as dotted overrides of the default params.yaml:
 
-- ``flow``: ``python flows/sdpo_flow.py run --set "..." --run_dir DIR``;
+- ``flow``: ``python flows/sdpo_flow.py run --set "..."`` (``data.root`` in the work folder);
 - ``library``: ``python -m bench.bench_orchestration --library DIR --set ...``, which calls the functions of
-  :mod:`sdpo.pipeline` that the flow's steps call, in the flow's order, one after the other in one process.
+  :mod:`sdpo.stages` that the flow's steps call, in the flow's order, one after the other in one process.
 
 The figure is ``ratio_flow_vs_library`` (the flow runs its foreach branches in parallel processes; the library
 baseline runs them one after the other). ``flow_task_s`` (each Metaflow task's seconds, per step, from the flow's
@@ -98,8 +98,7 @@ def flow_task_seconds(log: str) -> dict[str, list[float]]:
 
 
 def flow_command(workdir: Path) -> list[str]:
-    return [sys.executable, str(FLOW), "run", "--set", " ".join(_overrides(workdir)),
-            "--run_dir", str(workdir / "run")]
+    return [sys.executable, str(FLOW), "run", "--set", " ".join(_overrides(workdir))]
 
 
 def library_command(workdir: Path) -> list[str]:
@@ -110,13 +109,12 @@ def library_command(workdir: Path) -> list[str]:
 
 
 def run_library_sequence(root: Path, overrides: list[str]) -> dict[str, list[float]]:
-    """The flow's steps as direct calls of :mod:`sdpo.pipeline`, sequentially, writing under ``root``.
+    """The flow's steps as direct calls of :mod:`sdpo.stages`, sequentially, with ``data.root`` at ``root``.
 
     Returns the seconds of each call, grouped by the flow step it stands for.
     """
-    import sdpo.pipeline as pipeline
-
-    from sdpo.config import load_config
+    from sdpo import stages
+    from sdpo.layout import BASE_ARM
 
     seconds: dict[str, list[float]] = {}
 
@@ -126,33 +124,23 @@ def run_library_sequence(root: Path, overrides: list[str]) -> dict[str, list[flo
         seconds.setdefault(step, []).append(round(time.perf_counter() - start, 2))
         return value
 
-    cfg = timed("start", load_config, ROOT / "params.yaml", overrides)
-    root.mkdir(parents=True, exist_ok=True)
-    timed("start", pipeline.init_tracking, cfg)
-    work = root / "ingest"
-    work.mkdir(parents=True, exist_ok=True)
+    ctx = timed("start", stages.StageContext.load, ROOT / "params.yaml", [*overrides, f"data.root={root}"])
     parts: dict[str, list[str]] = {}
-    for item in pipeline.ingest_plan(cfg):
-        parts.setdefault(item["split"], []).append(timed("ingest", pipeline.ingest_item, cfg, item, work))
-    shards = {split: root / "shards" / split for split in parts}
-    for split, dirs in parts.items():
-        timed("join_ingest", pipeline.publish_split, cfg, dirs, shards[split])
-    base = timed("base", pipeline.resolve_base, cfg, shards["train"], ROOT)
-    heldout = shards.get("heldout")
-    model_dirs = {pipeline.BASE_ARM: base}
-    for arm in cfg.train.variants:
-        out = root / "models" / arm
-        timed("train", pipeline.train_arm, cfg, arm, shards=shards["train"], heldout=heldout, base=base, out_dir=out)
-        model_dirs[arm] = str(out / "model")
-    eval_dirs = {}
-    for arm, model_dir in model_dirs.items():
-        eval_dirs[arm] = str(root / "evals" / arm)
-        timed("evaluate", pipeline.evaluate_arm, cfg, model_dir, Path(eval_dirs[arm]), base=base, heldout=heldout)
-    timed("compare", pipeline.compare_arms, cfg, eval_dirs)
-    candidate = cfg.registry.candidate
-    timed("register", pipeline.register_and_promote, cfg, model_dir=model_dirs[candidate],
-          eval_dir=eval_dirs[candidate], base_eval_dir=eval_dirs[pipeline.BASE_ARM],
-          data_manifest=shards["train"] / "manifest.json")
+    for item in timed("start", stages.ingest_plan, ctx):
+        if item["synthetic"]:
+            timed("ingest", stages.synth, ctx, item["split"])
+        parts.setdefault(item["split"], []).append(timed("ingest", stages.ingest_part, ctx, item))
+    for split, uris in parts.items():
+        timed("join_ingest", stages.publish_split, ctx, split, uris)
+    base = timed("base", stages.base, ctx)["uri"]
+    for arm in ctx.cfg.train.variants:
+        timed("train", stages.train, ctx, arm, base=base, overwrite=True)
+    for arm in [*ctx.cfg.train.variants, BASE_ARM]:
+        timed("evaluate", stages.evaluate, ctx, arm, base=base)
+    for arm in ctx.cfg.train.variants:
+        timed("compare", stages.compare, ctx, arm)
+    timed("register", stages.register, ctx)
+    timed("register", stages.promote, ctx)
     return seconds
 
 

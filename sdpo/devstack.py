@@ -129,7 +129,7 @@ def mlflow_server(workdir: str | Path, *, artifacts: str | None = None, env: dic
                                 start_new_session=True)
     try:
         deadline = time.monotonic() + READY_TIMEOUT_S
-        while not _healthy(url):
+        while not (_healthy(url) and proc.poll() is None):  # alive: not another server answering on that port
             if proc.poll() is not None:
                 raise RuntimeError(f"mlflow server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
             if time.monotonic() > deadline:

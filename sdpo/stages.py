@@ -337,9 +337,9 @@ def evaluate(ctx: StageContext, arm: str, *, model: str | None = None, base: str
     from sdpo.tracking.runs import log_eval_dir
 
     model_uri = model or arm_model(ctx, arm)
-    base_model = base or base_uri(ctx)
-    prompts = resolve_prompts(ctx.cfg.eval.prompts)
     heldout_uri = _optional_heldout(ctx)
+    base_model = base or (base_uri(ctx) if heldout_uri or fs.exists(ctx.layout.base_record()) else None)
+    prompts = resolve_prompts(ctx.cfg.eval.prompts)
     is_base = model_uri == base_model
     with contextlib.ExitStack() as stack:
         local_model = stack.enter_context(_local_model(model_uri))

@@ -1,6 +1,7 @@
 """Test-wide environment. Tools read these at import time, so they are set before anything imports them."""
 
 import os
+import tempfile
 
 import pytest
 
@@ -14,12 +15,27 @@ os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ["GIT_PYTHON_REFRESH"] = "quiet"
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: no spinning threads under contention
+# The local S3 server's port is fixed now: Metaflow reads its S3 endpoint when it is imported, and this process reads
+# the artifacts of flows that ran on the S3 datastore (tests/store_fixtures.py starts the server on this port).
+from sdpo.devstack import CREDENTIALS, free_port  # noqa: E402
+
+os.environ["METAFLOW_S3_ENDPOINT_URL"] = f"http://127.0.0.1:{free_port()}"
+os.environ.setdefault("METAFLOW_S3_RETRY_COUNT", "2")  # a misdirected S3 call fails in seconds, not minutes
+for _name, _value in CREDENTIALS.items():
+    os.environ.setdefault(_name, _value)  # dummy credentials: no test may reach a real cloud
+# Shard-verification verdicts and reward-weight copies go to a throwaway folder, never the user's ~/.cache.
+os.environ["SDPO_VERIFY_CACHE"] = tempfile.mkdtemp(prefix="sdpo-test-verify-")
+os.environ["SDPO_CACHE"] = tempfile.mkdtemp(prefix="sdpo-test-cache-")
+# Stages log to MLflow: by default into a throwaway store, never the project's mlflow.db (tests that need a server
+# point MLFLOW_TRACKING_URI at one).
+os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tempfile.mkdtemp(prefix='sdpo-test-mlflow-')}/mlflow.db"
 # Metaflow's vendored typing_extensions patches `typing`; torch and diffusers imported for the first time after it
 # fail ("Type parameter ... without a default follows type parameter with a default"). Import them first.
 import diffusers  # noqa: E402,F401
 import torch  # noqa: E402,F401
 from mlflow_fixtures import mlflow_server, mlflow_tracking, tiny_pipeline_dir  # noqa: E402,F401
 from pipeline_fixtures import small_shards, toy_base, toy_cache, toy_shards  # noqa: E402,F401
+from store_fixtures import s3_server  # noqa: E402,F401
 
 _TORCH_THREADS = torch.get_num_threads()
 

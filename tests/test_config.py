@@ -1,5 +1,6 @@
 """params.yaml schema: every error path names the key and what is allowed."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -61,7 +62,8 @@ def test_floats_in_dvc_exponent_form_are_floats(tmp_path):
 def test_dotted_overrides_apply_in_order(tmp_path):
     path = tmp_path / "params.yaml"
     path.write_text("train:\n  mu: 0.9\n")
-    cfg = load_config(path, ["train.mu=0.5", "train.lr=2e-5", "eval.rewards=[synthetic, pickscore]"])
+    cfg = load_config(path, ["train.mu=0.5", "train.lr=2e-5", "eval.rewards=[synthetic, pickscore]",
+                              "eval.reward_paths.pickscore=/models/pickscore"])
     assert cfg.train.mu == 0.5 and cfg.train.lr == 2e-5 and cfg.eval.rewards == ["synthetic", "pickscore"]
 
 
@@ -72,7 +74,7 @@ def test_malformed_override_and_missing_file(tmp_path):
         load_config(tmp_path / "nope.yaml")
     path = tmp_path / "params.yaml"
     path.write_text("train:\n  mu: 0.9\n")
-    with pytest.raises(ConfigError, match="is not a section"):
+    with pytest.raises(ConfigError, match=r"train\.mu: Input should be a valid number"):
         load_config(path, ["train.mu.x=1"])
 
 
@@ -91,7 +93,83 @@ def test_empty_sections_take_defaults(tmp_path):
 
 def test_unquoted_yaml_off_means_off(tmp_path):
     path = tmp_path / "params.yaml"
-    path.write_text("train:\n  safeguard: off\n  mixed_precision: no\n  variants:\n    a:\n      safeguard: off\n")
+    path.write_text("train:\n  safeguard: off\n  mixed_precision: no\n  variants:\n    a:\n      safeguard: off\n"
+                    "registry:\n  candidate: a\n")
     cfg = load_config(path)
     assert cfg.train.safeguard == "off" and cfg.train.mixed_precision == "no"
     assert cfg.train.for_variant("a").safeguard == "off"
+
+
+# --- one place for defaults ---------------------------------------------------------------------------------
+
+DICT_KEYS = ("train.variants", "eval.reward_paths", "eval.reward_sha256", "registry.guards")
+
+
+def _leaves(raw: dict, prefix: str = "") -> set[str]:
+    keys = set()
+    for key, value in raw.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and name not in DICT_KEYS:
+            keys |= _leaves(value, name + ".")
+        else:
+            keys.add(name)
+    return keys
+
+
+def test_params_file_spells_out_the_schema_defaults():
+    """params.yaml lists every key of the schema with the schema's value, and nothing else."""
+    from sdpo.config import Config, read_params, schema_keys
+
+    raw = read_params(ROOT / "params.yaml")
+    assert _leaves(raw) == set(schema_keys())
+    assert validate_config(raw, "params.yaml") == Config()
+
+
+def test_every_schema_key_is_read_somewhere():
+    """A key that no code reads is a setting that silently does nothing (model.revision once was one)."""
+    from sdpo.config import schema_keys
+
+    sources = "\n".join(p.read_text() for p in (ROOT / "sdpo").rglob("*.py") if p.name != "config.py")
+    unread = []
+    for key in schema_keys():
+        *section, field = key.split(".")
+        patterns = [rf"\.{field}\b", rf"['\"]{field}['\"]"]
+        if not any(re.search(p, sources) for p in patterns):
+            unread.append(key)
+    assert unread == []
+
+
+# --- checked before any work --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("registry.candidate=nope", "registry.candidate: 'nope' is not a variant"),
+    ("registry.primary_reward=pickscore", "registry.primary_reward: 'pickscore' is not one of eval.rewards"),
+    ("eval.rewards=[synthetic, nosuch]", "unknown reward(s) ['nosuch']"),
+    ("eval.rewards=[synthetic, pickscore]", "eval.reward_paths: no weights for ['pickscore']"),
+    ("registry.guards={heldout_winer: 0.1}", "registry.guards: unknown guard 'heldout_winer'"),
+    ("train.lr=.inf", "train.lr: Input should be a finite number"),
+    ("train.beta=.nan", "train.beta: Input should be a finite number"),
+])
+def test_settings_that_cannot_work_together_fail_up_front(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(ROOT / "params.yaml", [override])
+    assert message in str(err.value) and "params.yaml" in str(err.value)
+
+
+def test_yaml_errors_name_the_file_and_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("train:\n  mu: 0.5\n  lr: [1e-5\n")
+    with pytest.raises(ConfigError, match=r"broken\.yaml:\d+:\d+: invalid YAML"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"override 'train\.mu=\[': value '\[' is not valid YAML"):
+        load_config(None, ["train.mu=["])
+
+
+def test_an_override_every_variant_shadows_is_refused():
+    cfg = load_config(None, ["train.mu=0.5"])  # dpo-sdpo inherits mu: the override applies
+    assert cfg.train.for_variant("dpo-sdpo").mu == 0.5
+    with pytest.raises(ConfigError, match=r"changes nothing.*train\.variants\.dpo-sdpo\.mu"):
+        load_config(None, ["train.variants.dpo-sdpo.mu=0.9", "train.mu=0.5"])
+    with pytest.raises(ConfigError, match="changes nothing"):
+        load_config(None, ["train.safeguard=batch"])  # both variants set their own safeguard

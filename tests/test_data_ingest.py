@@ -388,19 +388,23 @@ def test_read_manifest_requires_a_manifest(tmp_path):
 
 
 def test_cli_ingest(tmp_path, capsys):
+    """`sdpo ingest` reads data.input and writes ROOT/shards/<split>; settings come from the config, not flags."""
     source = write_parquet(make_pairs(20, seed=3, tie_fraction=0.25), tmp_path / "in.parquet")
-    out = tmp_path / "out"
-    code = main(["ingest", "--input", str(source), "--out", str(out), "--shard-max-pairs", "4", "--workers", "1"])
+    root = tmp_path / "root"
+    common = ["--set", f"data.root={root}", "--set", "data.shard_max_pairs=4"]
+    code = main(["ingest", "--set", f"data.input={source}", *common])
     assert code == 0
     printed = capsys.readouterr().out
-    manifest = read_manifest(out)
+    manifest = read_manifest(root / "shards" / "train")
     assert f"wrote {manifest['pairs_written']} pairs" in printed and "tie" in printed
-    assert main(["ingest", "--input", str(tmp_path / "none.parquet"), "--out", str(tmp_path / "x")]) == 2
+    assert manifest["config"]["shard_max_pairs"] == 4
+    assert main(["ingest", "--set", f"data.input={tmp_path / 'none.parquet'}", *common]) == 2
     err = capsys.readouterr().err
     assert "sdpo ingest: error:" in err and "none.parquet" in err and "Traceback" not in err
+    assert read_manifest(root / "shards" / "train") == manifest  # the failed run left the dataset as it was
     with pytest.raises(SystemExit) as exit_info:
         main(["ingest", "--help"])
     assert exit_info.value.code == 0
     help_text = capsys.readouterr().out
-    for option in ("--input", "--out", "--resolution", "--shard-max-pairs", "--workers", "--keep-ties", "--format"):
+    for option in ("--split", "--config", "--set", "data.input", "data.resolution", "data.keep_ties"):
         assert option in help_text

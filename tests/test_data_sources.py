@@ -82,7 +82,7 @@ def s3_error_server(status: int, code: str) -> Iterator[int]:
 @pytest.fixture
 def existing(tmp_path) -> tuple[Path, dict[str, bytes]]:
     """A good dataset in the output folder, and its bytes."""
-    out = tmp_path / "out"
+    out = tmp_path / "root" / "shards" / "train"  # where `sdpo ingest` with data.root=ROOT writes the train split
     ingest(str(write_parquet(make_pairs(6, seed=1), tmp_path / "good.parquet")), out)
     return out, {p.name: p.read_bytes() for p in sorted(out.iterdir())}
 
@@ -132,7 +132,8 @@ def test_the_cli_prints_one_line_without_a_traceback(s3_env, existing, capsys):
     s3_env(_free_port())
     out, before = existing
     spec = "s3://pickapic/train/*.parquet"
-    assert main(["ingest", "--input", spec, "--out", str(out)]) == 2
+    root = out.parent.parent
+    assert main(["ingest", "--set", f"data.input={spec}", "--set", f"data.root={root}", "--split", "train"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"sdpo ingest: error: {spec}: lookup failed (") and err.count("\n") == 1
     assert "Traceback" not in err

@@ -182,18 +182,21 @@ def test_invalid_arguments_are_refused():
 
 
 def test_cli_synth_writes_parquet_and_documents_png(tmp_path, capsys):
-    out = tmp_path / "pairs.parquet"
-    assert main(["synth", "--out", str(out), "--pairs", "24", "--seed", "3", "--split", "heldout"]) == 0
+    root = tmp_path / "root"
+    args = ["synth", "--split", "heldout", "--set", f"data.root={root}", "--set", "data.synthetic.heldout_pairs=24",
+            "--set", "data.synthetic.seed=3"]
+    assert main(args) == 0
     assert "wrote 24 heldout pairs" in capsys.readouterr().out
+    out = root / "raw" / "heldout.parquet"
     table = pq.read_table(out)
     assert table.num_rows == 24 and set(table.column("caption").to_pylist()) <= set(PROMPTS_HELDOUT)
     digest = hashlib.sha256(out.read_bytes()).hexdigest()
-    assert main(["synth", "--out", str(out), "--pairs", "24", "--seed", "3", "--split", "heldout"]) == 0
+    assert main(args) == 0
     assert hashlib.sha256(out.read_bytes()).hexdigest() == digest
-    assert main(["synth", "--out", str(tmp_path / "bad.parquet"), "--pairs", "0"]) == 2
-    assert "n must be at least 1" in capsys.readouterr().err
+    assert main(["synth", "--set", f"data.root={root}", "--set", "data.synthetic.train_pairs=0"]) == 2
+    assert "data.synthetic.train_pairs" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         main(["synth", "--help"])
     assert exit_info.value.code == 0
     help_text = capsys.readouterr().out
-    assert "PNG" in help_text and "--tie-fraction" in help_text and "Pick-a-Pic" in help_text
+    assert "PNG" in help_text and "data.synthetic" in help_text and "Pick-a-Pic" in help_text

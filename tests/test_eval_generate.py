@@ -14,9 +14,11 @@ from sdpo.cli import main
 from sdpo.config import ConfigError, EvalConfig
 from sdpo.errors import DataError, ModelError
 from sdpo.eval.generate import evaluate, resolve_prompts
-from sdpo.eval.rewards.weights import folder_digest
 from sdpo.eval.winrate import compare_eval_dirs
+from sdpo.fs import folder_digest
 from sdpo.models.tiny import build_tiny_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
 
 PROMPTS = ["a red square", "a blue circle", "a green triangle"]
 
@@ -180,26 +182,28 @@ def test_evaluate_refuses_bad_inputs(model_dir: Path, tmp_path: Path) -> None:
         evaluate(tmp_path, PROMPTS, tmp_path / "x", eval_config())
 
 
-def test_cli_evaluate_and_compare(model_dir: Path, eval_a, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    params = tmp_path / "params.yaml"
-    params.write_text("eval:\n  seeds_per_prompt: 2\n  seed: 7\n  num_inference_steps: 2\n  bootstrap_samples: 50\n")
+def test_cli_evaluate_and_compare(model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`sdpo evaluate --arm A --model DIR` publishes ROOT/evals/A; `sdpo compare` pairs two arms' images."""
     prompts_file = tmp_path / "prompts.txt"
     prompts_file.write_text("\n".join(PROMPTS) + "\n")
-    out = tmp_path / "cli-eval"
-    argv = ["evaluate", "--model", str(model_dir), "--prompts", str(prompts_file), "--out", str(out)]
-    assert main([*argv, "--config", str(params), "--set", "eval.batch_size=2"]) == 0
-    assert "synthetic: mean" in capsys.readouterr().out
+    root = tmp_path / "root"
+    common = ["--config", str(ROOT / "params.yaml"), "--set", f"data.root={root}", "--set", "eval.seeds_per_prompt=2",
+              "--set", "eval.seed=7", "--set", "eval.num_inference_steps=2", "--set", "eval.bootstrap_samples=50",
+              "--set", f"eval.prompts={prompts_file}", "--set", "eval.batch_size=2"]
+    for arm in ("a", "b"):
+        assert main(["evaluate", "--arm", arm, "--model", str(model_dir), *common]) == 0
+        assert "synthetic: mean" in capsys.readouterr().out
+    assert (root / "evals" / "a" / "metrics.json").is_file()
 
-    report = tmp_path / "cmp" / "compare.json"
-    assert main(["compare", str(out), str(eval_a[0]), "--bootstrap", "100", "--out", str(report)]) == 0
+    assert main(["compare", "--arm", "a", "--baseline", "b", *common[:2], *common[2:4]]) == 0
     printed = capsys.readouterr().out
-    assert "reward" in printed and "win rate" in printed and "0/6/0" in printed
-    assert json.loads(report.read_text())["rewards"]["synthetic"]["win_rate"] == 0.5
+    assert "reward" in printed and "win rate" in printed and "0/6/0" in printed  # the same model: all ties
+    assert json.loads((root / "reports" / "compare-a.json").read_text())["rewards"]["synthetic"]["win_rate"] == 0.5
 
-    other = tmp_path / "cli-steps3"
-    assert main([*argv[:-1], str(other), "--config", str(params), "--set", "eval.num_inference_steps=3"]) == 0
+    assert main(["evaluate", "--arm", "c", "--model", str(model_dir), *common, "--set",
+                 "eval.num_inference_steps=3"]) == 0
     capsys.readouterr()
-    assert main(["compare", str(out), str(other)]) == 2
+    assert main(["compare", "--arm", "c", "--baseline", "b", *common[:4]]) == 2
     assert "sdpo compare: error: cannot compare" in capsys.readouterr().err
 
 

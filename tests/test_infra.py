@@ -417,35 +417,29 @@ def test_k8s_workloads_are_non_root_with_resources_and_probes() -> None:
     assert secret["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql://")
 
 
-def test_training_job_runs_the_sdpo_cli_on_gpus() -> None:
+def test_training_job_runs_the_sdpo_stages_on_gpus() -> None:
     from sdpo.cli import build_parser
     from sdpo.config import parse_yaml, validate_config
 
     pod = _resource("Job", "sdpo-train")["spec"]["template"]["spec"]
-    train = pod["containers"][0]
-    assert train["command"] == ["accelerate", "launch"]
-    args = train["args"]
-    module_at = args.index("-m")
-    assert args[module_at + 1] == "sdpo.cli"
-    launch = dict(a.lstrip("-").split("=", 1) for a in args[:module_at])
-    assert (ACCELERATE / Path(launch["config_file"]).name).is_file()
-    assert launch["config_file"].startswith("/opt/sdpo/accelerate/")
-    gpus = train["resources"]["limits"]["nvidia.com/gpu"]
-    assert gpus == train["resources"]["requests"]["nvidia.com/gpu"] and int(launch["num_processes"]) == int(gpus)
-
-    parser = build_parser()
-    parsed = parser.parse_args(args[module_at + 2 :])  # SystemExit here = the Job calls options sdpo lacks
-    assert parsed.command == "train"
     params = _resource("ConfigMap", "sdpo-train-params")["data"]["params.yaml"]
     config = validate_config(parse_yaml(params), "infra/k8s/jobs/train-job.yaml params.yaml")
-    assert parsed.variant in config.train.variants
+    assert config.data.root.startswith("s3://")  # everything the run makes lives in the object store
     assert config.train.mixed_precision == "bf16"
+    launcher = config.train.accelerate_config
+    assert launcher.startswith("/opt/sdpo/accelerate/") and (ACCELERATE / Path(launcher).name).is_file()
 
-    ingest_script = " ".join(pod["initContainers"][0]["args"]).replace("\\\n", " ")
-    commands = [c.strip() for c in re.split(r"\|\||\n", ingest_script) if c.strip().startswith("sdpo ")]
-    assert len(commands) == 2
-    for command in commands:
-        assert parser.parse_args(shlex.split(command)[1:]).command == "ingest"
+    parser = build_parser()
+    ingest = pod["initContainers"][0]
+    assert parser.parse_args(ingest["args"]).command == "ingest"  # SystemExit = an option sdpo lacks
+    train = pod["containers"][0]
+    gpus = train["resources"]["limits"]["nvidia.com/gpu"]
+    assert gpus == train["resources"]["requests"]["nvidia.com/gpu"]
+    script = train["args"][0]
+    commands = [shlex.split(line) for line in script.splitlines() if line.strip().startswith("sdpo ")]
+    parsed = [parser.parse_args(command[1:]) for command in commands]
+    assert [p.command for p in parsed] == ["base", "train"]
+    assert parsed[1].variant in config.train.variants and parsed[1].resume
 
 
 # --- DVC and Metaflow --------------------------------------------------------------------------------------------
