@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from train_world import ACCELERATE_NAMES, context, make_root, plant, snapshot, tiny_sd15, tracking, tracking_uri  # noqa: F401
+from train_world import ACCELERATE_NAMES, context, make_root, plant, snapshot
 
 from sdpo import fs, stages
 from sdpo.errors import SdpoError, TrainingError
@@ -23,7 +23,7 @@ CKPT = "models/dpo/checkpoints"
 
 
 @pytest.fixture(scope="module")
-def interrupted(tmp_path_factory, small_shards, tiny_sd15, tracking_uri) -> Path:  # noqa: F811
+def interrupted(tmp_path_factory, small_shards, tiny_sd15, tracking_uri) -> Path:
     """A root whose `dpo` run stopped right after its first checkpoint (the stage's fault hook)."""
     root = make_root(tmp_path_factory.mktemp("interrupted") / "root", small_shards, tiny_sd15)
     with pytest.MonkeyPatch.context() as mp:
@@ -48,7 +48,7 @@ def test_checkpoints_hold_only_json_and_safetensors(interrupted):
     assert state["config"]["train"]["lr"] == 1e-5  # the config in force is in the checkpoint
 
 
-def test_planted_pickles_never_run_and_resume_uses_the_safe_files(interrupted, tmp_path, tracking):  # noqa: F811
+def test_planted_pickles_never_run_and_resume_uses_the_safe_files(interrupted, tmp_path, tracking):
     root = _copy(interrupted, tmp_path)
     marker = tmp_path / "code-ran"
     step1 = root / CKPT / "step-0000001"
@@ -69,7 +69,7 @@ def test_planted_pickles_never_run_and_resume_uses_the_safe_files(interrupted, t
 SAFE_FILES = ["state.json", "denoiser.safetensors", "optimizer.safetensors", "rank-0.json", "rank-0.safetensors"]
 
 
-def test_a_pickle_in_place_of_a_safe_file_is_refused_unrun(interrupted, tmp_path, tiny_sd15, tracking):  # noqa: F811
+def test_a_pickle_in_place_of_a_safe_file_is_refused_unrun(interrupted, tmp_path, tiny_sd15, tracking):
     marker = tmp_path / "code-ran"
     for name in SAFE_FILES:
         root = Path(shutil.copytree(interrupted, tmp_path / name))
@@ -93,7 +93,7 @@ def test_a_pickle_in_place_of_a_safe_file_is_refused_unrun(interrupted, tmp_path
     ("base", [r"the base model changed"]),
     ("schedule", [r"train\.steps 3 -> 5 changes the 'linear' lr schedule"]),
 ])
-def test_resume_of_another_run_is_refused_naming_what_changed(interrupted, tmp_path, tracking, change,  # noqa: F811
+def test_resume_of_another_run_is_refused_naming_what_changed(interrupted, tmp_path, tracking, change,
                                                               named):
     root = _copy(interrupted, tmp_path)
     sets: list[str] = []
@@ -120,7 +120,7 @@ def test_resume_of_another_run_is_refused_naming_what_changed(interrupted, tmp_p
     assert snapshot(root / CKPT) == before and not (root / "models" / ARM / "model").exists()
 
 
-def test_trainer_refuses_other_data_itself(interrupted, tmp_path, tiny_sd15):  # noqa: F811
+def test_trainer_refuses_other_data_itself(interrupted, tmp_path, tiny_sd15):
     """The trainer checks the identity too (a direct `train()` call or a job file bypasses the stage)."""
     from pipeline_fixtures import make_shards
 
@@ -133,7 +133,7 @@ def test_trainer_refuses_other_data_itself(interrupted, tmp_path, tiny_sd15):  #
     assert snapshot(root / CKPT) == before
 
 
-def test_resume_with_a_lower_lr_applies_it_and_records_it(interrupted, tmp_path, tracking):  # noqa: F811
+def test_resume_with_a_lower_lr_applies_it_and_records_it(interrupted, tmp_path, tracking):
     root = _copy(interrupted, tmp_path)
     summary = stages.train(context(root, "train.lr=1e-6", "train.steps=4"), ARM, resume=True)
 
@@ -146,7 +146,7 @@ def test_resume_with_a_lower_lr_applies_it_and_records_it(interrupted, tmp_path,
     assert state["scheduler"]["base_lrs"] == [1e-6] and state["history"] == summary["resumes"]
 
 
-def test_a_fresh_run_never_continues_an_old_one(interrupted, tmp_path, tiny_sd15, tracking):  # noqa: F811
+def test_a_fresh_run_never_continues_an_old_one(interrupted, tmp_path, tiny_sd15, tracking):
     root = _copy(interrupted, tmp_path)
     old_run = ck.read_state(root / CKPT / "step-0000001")["run_id"]
     before = snapshot(root / CKPT)
