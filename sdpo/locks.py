@@ -319,16 +319,16 @@ class _ObjectLock:
             self._beat.join()
         if self.lost is not None:
             return True
+        seen = self._read()
+        if seen is None or seen.holder is None or seen.holder.token != self.holder.token:
+            self.lost = seen.holder if seen is not None and seen.holder is not None else None
+            return True
         try:
-            self._call("delete_object", Key=self.key, IfMatch=self.etag)
+            self._call("delete_object", Key=self.key, IfMatch=seen.etag)
         except Exception as err:
-            if _precondition_failed(err):
-                seen = self._read()
-                self.lost = seen.holder if seen and seen.holder else self.holder
+            if _precondition_failed(err):  # changed hands between the read and the delete
                 return True
-            seen = self._read()  # a store without conditional deletes: check, then delete
-            if seen is not None and seen.holder is not None and seen.holder.token == self.holder.token:
-                self._call("delete_object", Key=self.key)
+            self._call("delete_object", Key=self.key)  # a store without conditional deletes: it was ours just now
         return False
 
 
