@@ -114,41 +114,27 @@ def test_the_lock_is_reentrant_in_one_thread_and_exclusive_across_threads(tmp_pa
 # --- object stores ------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def s3():
-    import s3fs
-
-    from sdpo.devstack import local_s3
-
-    with local_s3("sdpo-locks") as server, pytest.MonkeyPatch.context() as mp:
-        for key, value in server.env().items():
-            mp.setenv(key, value)
-        s3fs.S3FileSystem.clear_instance_cache()  # clients read the endpoint when they are made
-        yield server
-        s3fs.S3FileSystem.clear_instance_cache()
-
-
-def _plant(s3, uri: str, **fields) -> None:
+def _plant(moto_s3, uri: str, **fields) -> None:
     holder = Holder(**{"stage": "train", "host": "other-host", "pid": 4242, "started": "2026-01-01T00:00:00+00:00",
                        "token": "theirs", **fields})
-    key = lock_uri(uri).removeprefix(f"s3://{s3.bucket}/")
-    s3.client().put_object(Bucket=s3.bucket, Key=key, Body=holder.to_json())
+    key = lock_uri(uri).removeprefix(f"s3://{moto_s3.bucket}/")
+    moto_s3.client().put_object(Bucket=moto_s3.bucket, Key=key, Body=holder.to_json())
 
 
-def _lock_keys(s3) -> list[str]:
-    return [k for k in s3.keys(prefix="") if k.endswith(".lock")]
+def _lock_keys(moto_s3) -> list[str]:
+    return [k for k in moto_s3.keys(prefix="") if k.endswith(".lock")]
 
 
-def test_object_store_lock_refuses_a_second_writer_and_releases(s3):
-    uri = f"s3://{s3.bucket}/root/models/dpo"
+def test_object_store_lock_refuses_a_second_writer_and_releases(moto_s3):
+    uri = f"s3://{moto_s3.bucket}/root/models/dpo"
     with writer_lock(uri, "train") as holder:
-        assert _lock_keys(s3) == ["root/models/.dpo.lock"]
+        assert _lock_keys(moto_s3) == ["root/models/.dpo.lock"]
         errors: list[str] = []
         worker = threading.Thread(target=lambda: _try(uri, errors))
         worker.start()
         worker.join(GUARD_S)
         assert errors and f"stage train (pid {holder.pid} on {HOST}" in errors[0]
-    assert _lock_keys(s3) == []
+    assert _lock_keys(moto_s3) == []
 
 
 def _try(uri: str, errors: list[str]) -> None:
@@ -159,29 +145,29 @@ def _try(uri: str, errors: list[str]) -> None:
         errors.append(str(err))
 
 
-def test_object_store_lock_recovers_stale_locks_only(s3):
-    uri = f"s3://{s3.bucket}/root/evals/dpo"
-    _plant(s3, uri)  # fresh, on another host: refused
+def test_object_store_lock_recovers_stale_locks_only(moto_s3):
+    uri = f"s3://{moto_s3.bucket}/root/evals/dpo"
+    _plant(moto_s3, uri)  # fresh, on another host: refused
     with pytest.raises(LockError, match=r"being written by stage train \(pid 4242 on other-host"), \
             writer_lock(uri, "evaluate", timeout=3600):
         pass
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    _plant(s3, uri, host=HOST, pid=int(dead.stdout))  # its process is gone from this host
+    _plant(moto_s3, uri, host=HOST, pid=int(dead.stdout))  # its process is gone from this host
     with writer_lock(uri, "evaluate", timeout=3600) as holder:
         assert json.loads(fs.read_bytes(lock_uri(uri)))["token"] == holder.token
-    _plant(s3, uri, owner="metaflow:7:evaluate:x", attempt=0)  # a retry of the same task takes over
+    _plant(moto_s3, uri, owner="metaflow:7:evaluate:x", attempt=0)  # a retry of the same task takes over
     with writer_lock(uri, "evaluate", owner="metaflow:7:evaluate:x", attempt=1, timeout=3600):
         pass
-    _plant(s3, uri)  # no heartbeat for longer than the timeout (the lock only gets older: no race with speed)
+    _plant(moto_s3, uri)  # no heartbeat for longer than the timeout (the lock only gets older: no race with speed)
     time.sleep(2.0)
     with writer_lock(uri, "evaluate", timeout=0.5):
         pass
-    assert _lock_keys(s3) == []
+    assert _lock_keys(moto_s3) == []
 
 
-def test_a_holder_whose_object_lock_was_taken_over_fails(s3):
+def test_a_holder_whose_object_lock_was_taken_over_fails(moto_s3):
     """A retry took the lock over (the first attempt looked dead): the first attempt must not finish quietly."""
-    uri = f"s3://{s3.bucket}/root/models/dpo-sdpo"
+    uri = f"s3://{moto_s3.bucket}/root/models/dpo-sdpo"
     taken, done = threading.Event(), threading.Event()
 
     def retry() -> None:
@@ -198,15 +184,15 @@ def test_a_holder_whose_object_lock_was_taken_over_fails(s3):
     finally:
         done.set()
         worker.join(GUARD_S)
-    assert _lock_keys(s3) == []  # the retry released its own lock; the first attempt deleted nothing
+    assert _lock_keys(moto_s3) == []  # the retry released its own lock; the first attempt deleted nothing
 
 
-def test_a_stage_on_an_object_store_root_is_refused_while_locked(s3, tiny_sd15, tmp_path):
-    root = f"s3://{s3.bucket}/root2"
+def test_a_stage_on_an_object_store_root_is_refused_while_locked(moto_s3, tiny_sd15, tmp_path):
+    root = f"s3://{moto_s3.bucket}/root2"
     ctx = stages.StageContext.load(PARAMS, [f"data.root={root}", f"model.base={tiny_sd15}"])
     first = stages.base(ctx)
     record = fs.read_bytes(ctx.layout.base_record())
-    _plant(s3, ctx.layout.base_dir())
+    _plant(moto_s3, ctx.layout.base_dir())
     with pytest.raises(LockError, match=r"root2/models/base is being written by stage train \(pid 4242 on other"):
         stages.base(ctx)
     assert fs.read_bytes(ctx.layout.base_record()) == record and first["digest"].startswith("sha256:")

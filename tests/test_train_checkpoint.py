@@ -166,3 +166,23 @@ def test_a_fresh_run_never_continues_an_old_one(interrupted, tmp_path, tiny_sd15
     summary = stages.train(new, ARM, resume=True)
     assert summary["run_id"] == new_run and summary["resumed_from"] == "step-0000001"
     assert json.loads((root / "models" / ARM / "training_summary.json").read_text())["config"]["train"]["seed"] == 5
+
+
+def test_resume_on_an_object_store_root_checks_and_continues_the_mirrored_run(moto_s3, small_shards, tiny_sd15,
+                                                                               tmp_path, tracking, monkeypatch):
+    """On an s3:// root training works in scratch and mirrors checkpoints; a retry on a fresh machine resumes them."""
+    root = f"s3://{moto_s3.bucket}/run"
+    fs.publish_dir(small_shards, f"{root}/shards/train", marker="manifest.json")
+    fs.write_json(f"{root}/models/base/base.json", {"uri": str(tiny_sd15)})
+    monkeypatch.setenv(stages.FAULT_ENV, "train-after-checkpoint")
+    with pytest.raises(TrainingError, match="injected fault"):
+        stages.train(context(root), ARM)
+    monkeypatch.delenv(stages.FAULT_ENV)
+    assert ck.complete_checkpoints(f"{root}/{CKPT}") == ["step-0000001"]
+    with pytest.raises(TrainingError, match=r"train\.beta 500\.0 -> 100\.0"):  # from the mirrored state.json
+        stages.train(context(root, "train.beta=100"), ARM, resume=True)
+
+    summary = stages.train(context(root), ARM, resume=True)
+    assert summary["resumed_from"] == "step-0000001" and summary["steps"] == 3
+    assert ck.complete_checkpoints(f"{root}/{CKPT}") == ["step-0000002", "step-0000003"]  # the same two as local
+    assert fs.exists(f"{root}/models/{ARM}/model/model_index.json")

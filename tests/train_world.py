@@ -39,6 +39,21 @@ def tracking(monkeypatch, tracking_uri) -> str:
     return tracking_uri
 
 
+@pytest.fixture(scope="module")
+def moto_s3():
+    """A local S3 server (moto) with a bucket, and every client pointed at it for the module."""
+    import s3fs
+
+    from sdpo.devstack import local_s3
+
+    with local_s3("sdpo-trainrel") as server, pytest.MonkeyPatch.context() as mp:
+        for key, value in server.env().items():
+            mp.setenv(key, value)
+        s3fs.S3FileSystem.clear_instance_cache()  # clients read the endpoint when they are made
+        yield server
+        s3fs.S3FileSystem.clear_instance_cache()
+
+
 def make_root(root: Path, shards: Path, base: Path) -> Path:
     """A run root with the train shards and a recorded base, as `sdpo ingest` and `sdpo base` leave it."""
     shutil.copytree(shards, root / "shards" / "train")
