@@ -62,7 +62,8 @@ def rank_files(rank: int) -> tuple[str, str]:
 
 # Keys that may differ between a checkpoint and the run that resumes it, and why. Every other key of the resolved
 # config (``train.*`` after the arm's variant is applied, ``model.*``) is part of the identity, including keys added
-# later: a new key is identity until it is listed here. Patterns ending in "." cover a whole section.
+# later: a new key is identity until it is listed here. Patterns ending in "." cover a whole section. A key of a
+# free section that training starts to read (e.g. a data.* cache setting) must be taken out of this list.
 FREE_ON_RESUME: dict[str, str] = {
     "train.steps": "extends or shortens the run; refused when the lr schedule depends on the total (see below)",
     "train.log_every": "only when metrics are written",
