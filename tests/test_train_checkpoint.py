@@ -14,7 +14,7 @@ import pytest
 from train_world import ACCELERATE_NAMES, context, make_root, plant, snapshot
 
 from sdpo import fs, stages
-from sdpo.errors import SdpoError, TrainingError
+from sdpo.errors import ModelError, SdpoError, TrainingError
 from sdpo.train import checkpoint as ck
 from sdpo.train.trainer import train
 
@@ -186,3 +186,17 @@ def test_resume_on_an_object_store_root_checks_and_continues_the_mirrored_run(mo
     assert summary["resumed_from"] == "step-0000001" and summary["steps"] == 3
     assert ck.complete_checkpoints(f"{root}/{CKPT}") == ["step-0000002", "step-0000003"]  # the same two as local
     assert fs.exists(f"{root}/models/{ARM}/model/model_index.json")
+
+
+def test_a_pickle_planted_in_a_model_folder_does_not_run(tiny_sd15, tmp_path):
+    """Model folders (the base, a trained model) load through diffusers: safetensors, or weights-only unpickling."""
+    from sdpo.models import load_model
+
+    base = Path(shutil.copytree(tiny_sd15, tmp_path / "base"))
+    marker = tmp_path / "code-ran"
+    for weights in (base / "unet").glob("*.safetensors"):
+        weights.unlink()
+    plant(base / "unet" / "diffusion_pytorch_model.bin", marker)
+    with pytest.raises(ModelError, match="Unable to load weights from checkpoint file"):  # weights-only refusal
+        load_model(str(base), None)
+    assert not marker.exists()
