@@ -284,8 +284,9 @@ def _prepare_train_dir(ctx: StageContext, arm: str, work: Path, *, shards: Path,
     if problems:
         raise TrainingError(f"cannot resume {uri}: it is another run: " + "; ".join(problems)
                             + ". Resume with the settings it was written with, or start over with --overwrite")
-    if layout.remote:
-        fs.download(uri, work / "checkpoints" / latest)
+    if layout.remote:  # all of them (two at most): if the guard sets the newest aside, the older one is the good one
+        for name in ck.complete_checkpoints(layout.checkpoints(arm)):
+            fs.download(fs.join(layout.checkpoints(arm), name), work / "checkpoints" / name)
     return latest
 
 
