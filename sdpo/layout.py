@@ -12,6 +12,7 @@ The flow, the stages and ``dvc.yaml`` use these paths and nothing else (``tests/
                                         training_summary.json, train_curve.json, heldout_curve.json
     ROOT/evals/<arm>/                   images/, scores.jsonl, manifest.json, grid.png, metrics.json (written last)
     ROOT/reports/                       compare-<arm>.json, registry.json, promotion.json, summary.json
+    ROOT/.../.<name>.lock               the writer lock of the folder <name> beside it (sdpo.locks)
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ Every stage is a function of a :class:`StageContext` (the typed config and the r
 split, an arm). It reads its inputs from the layout's root (a local folder or an object store), works in a local
 scratch folder, publishes its outputs back to the root with the marker file last, owns its MLflow run, and returns
 a small JSON-able result (URIs and metrics) that an orchestrator can pass to the next step on another machine.
+A stage that writes a folder holds that folder's writer lock (:mod:`sdpo.locks`): a second writer is refused.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from sdpo import fs
 from sdpo.config import Config, ConfigError, config_to_dict, load_config
 from sdpo.errors import ModelError, TrainingError
 from sdpo.layout import BASE_ARM, SPLITS, RunLayout
+from sdpo.locks import writes
 
 MANIFEST = "manifest.json"
 MODEL_MARKER = "model_index.json"
@@ -106,6 +108,7 @@ def ingest_plan(ctx: StageContext, max_parts: int = 8) -> list[dict[str, Any]]:
     return items
 
 
+@writes("ingest", lambda ctx, item, *_, **__: ctx.layout.ingest_part(item["split"], item["part"]))
 def ingest_part(ctx: StageContext, item: dict[str, Any]) -> str:
     """Ingest one work item of :func:`ingest_plan` into ``layout.ingest_part``; returns its URI."""
     from sdpo.data.pickapic import ingest as ingest_parquet
@@ -119,6 +122,7 @@ def ingest_part(ctx: StageContext, item: dict[str, Any]) -> str:
     return uri
 
 
+@writes("ingest", lambda ctx, split, *_, **__: ctx.layout.shards(split))
 def publish_split(ctx: StageContext, split: str, parts: list[str]) -> dict[str, Any]:
     """One dataset per split at ``layout.shards(split)``: a single part as it is, several merged; parts removed.
 
@@ -145,6 +149,7 @@ def publish_split(ctx: StageContext, split: str, parts: list[str]) -> dict[str, 
     return {"uri": target, **{k: manifest[k] for k in ("rows_read", "pairs_written", "skipped")}}
 
 
+@writes("ingest", lambda ctx, split, *_, **__: ctx.layout.shards(split))
 def ingest(ctx: StageContext, split: str) -> dict[str, Any]:
     """Validate the split's parquet into WebDataset shards at ``layout.shards(split)`` (one process)."""
     sources = split_inputs(ctx, split)
@@ -187,6 +192,7 @@ def _toy_base(ctx: StageContext) -> str:
     return target
 
 
+@writes("base", lambda ctx, *_, **__: ctx.layout.base_dir())
 def base(ctx: StageContext) -> dict[str, Any]:
     """The base model of every arm: ``model.base`` checked, or the toy base built; recorded in ``base.json``.
 
@@ -233,12 +239,6 @@ def _optional_heldout(ctx: StageContext) -> str | None:
     return uri if fs.exists(fs.join(uri, MANIFEST)) else None
 
 
-def _latest_checkpoint(uri: str) -> str | None:
-    complete = [name for name in fs.list_dirs(uri)
-                if name.startswith("step-") and fs.exists(fs.join(uri, name, "COMPLETE"))]
-    return max(complete, key=lambda n: int(n.split("-")[1])) if complete else None
-
-
 _TRAINING_FILES = ("metrics.jsonl", "heldout.jsonl", "training_summary.json", "train_curve.json",
                    "heldout_curve.json")
 
@@ -252,10 +252,17 @@ def _write_curves(work: Path) -> None:
         (work / dst).write_text(json.dumps(rows, indent=1) + "\n")
 
 
-def _prepare_train_dir(ctx: StageContext, arm: str, work: Path, *, resume: bool, overwrite: bool) -> str | None:
-    """Make the arm's output folder ready; returns the checkpoint resumed from (None for a fresh run)."""
+def _prepare_train_dir(ctx: StageContext, arm: str, work: Path, *, shards: Path, base_model: str, resume: bool,
+                       overwrite: bool) -> str | None:
+    """Make the arm's output folder ready; returns the checkpoint resumed from (None for a fresh run).
+
+    A fresh run refuses an earlier run's checkpoints unless ``overwrite``. A resume refuses, before anything is
+    staged or logged, a checkpoint of another run (the trainer checks again when it loads it).
+    """
+    from sdpo.train import checkpoint as ck
+
     layout = ctx.layout
-    latest = _latest_checkpoint(layout.checkpoints(arm))
+    latest = ck.latest_checkpoint(layout.checkpoints(arm))
     if latest is not None and not resume and not overwrite:
         raise TrainingError(f"{layout.train_dir(arm)} holds checkpoints of an earlier run (newest {latest}); pass "
                             "--resume to continue it or --overwrite to start over")
@@ -263,11 +270,27 @@ def _prepare_train_dir(ctx: StageContext, arm: str, work: Path, *, resume: bool,
         for name in ("model", "checkpoints", "lora", *_TRAINING_FILES):
             fs.remove(fs.join(layout.train_dir(arm), name))
         return None
-    if latest is not None and layout.remote:
-        fs.download(fs.join(layout.checkpoints(arm), latest), work / "checkpoints" / latest)
+    if latest is None:
+        return None
+    uri = fs.join(layout.checkpoints(arm), latest)
+    with fs.scratch("sdpo-ckpt-") as tmp:
+        state_dir = tmp if layout.remote else Path(uri)
+        if layout.remote:
+            fs.download(fs.join(uri, ck.STATE), tmp / ck.STATE)
+        state = ck.read_state(state_dir)
+    saved = ck.RunIdentity.from_dict(state["identity"])
+    problems = ck.identity_problems(saved, ck.RunIdentity.of(ctx.cfg, arm, shards, base_model),
+                                    checkpoint_step=int(state["step"]))
+    if problems:
+        raise TrainingError(f"cannot resume {uri}: it is another run: " + "; ".join(problems)
+                            + ". Resume with the settings it was written with, or start over with --overwrite")
+    if layout.remote:  # all of them (two at most): if the guard sets the newest aside, the older one is the good one
+        for name in ck.complete_checkpoints(layout.checkpoints(arm)):
+            fs.download(fs.join(layout.checkpoints(arm), name), work / "checkpoints" / name)
     return latest
 
 
+@writes("train", lambda ctx, arm, *_, **__: ctx.layout.train_dir(arm))
 def train(ctx: StageContext, arm: str, *, base: str | None = None, resume: bool = False,
           overwrite: bool = False) -> dict[str, Any]:
     """Train variant ``arm`` of ``train.variants`` from the base on the train shards into ``layout.train_dir(arm)``.
@@ -288,7 +311,8 @@ def train(ctx: StageContext, arm: str, *, base: str | None = None, resume: bool 
         local_base = stack.enter_context(_local_model(base_model))
         work = stack.enter_context(fs.scratch("sdpo-train-")) if layout.remote else Path(layout.train_dir(arm))
         work.mkdir(parents=True, exist_ok=True)
-        resumed_from = _prepare_train_dir(ctx, arm, work, resume=resume, overwrite=overwrite)
+        resumed_from = _prepare_train_dir(ctx, arm, work, shards=shards, base_model=str(local_base), resume=resume,
+                                          overwrite=overwrite)
         run = stack.enter_context(_mlflow_run(ctx, f"train-{arm}", variant=arm))
         job = TrainJob(config=config_to_dict(ctx.cfg), arm=arm, shards=str(shards),
                        heldout=str(heldout) if heldout else None, base=str(local_base), work_dir=str(work),
@@ -326,6 +350,7 @@ def arm_model(ctx: StageContext, arm: str) -> str:
     return base_uri(ctx) if arm == BASE_ARM else ctx.layout.model(arm)
 
 
+@writes("evaluate", lambda ctx, arm, *_, **__: ctx.layout.evals(arm))
 def evaluate(ctx: StageContext, arm: str, *, model: str | None = None, base: str | None = None) -> dict[str, Any]:
     """Sample the arm's model on the evaluation prompts with fixed seeds, score it, publish ``layout.evals(arm)``.
 

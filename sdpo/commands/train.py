@@ -19,7 +19,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--variant", required=True, help="name of a train.variants entry (e.g. dpo-sdpo)")
     parser.add_argument("--base", metavar="URI", help="start from this model instead of the recorded base")
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    mode.add_argument("--resume", action="store_true",
+                      help="continue from the newest complete checkpoint; refused when it is another run's "
+                      "(changed config keys, data or base; see FREE_ON_RESUME in sdpo/train/checkpoint.py)")
     mode.add_argument("--overwrite", action="store_true", help="discard an earlier run's checkpoints and start over")
     add_config_args(parser)
     parser.set_defaults(func=run)

@@ -40,10 +40,19 @@ class TrainJob:
 
 
 def mirror_checkpoint(local: Path, uri: str) -> None:
-    """Publish a finished checkpoint under ``uri`` (``COMPLETE`` last) and drop older ones there."""
-    fs.publish_dir(local, fs.join(uri, local.name), marker="COMPLETE")
+    """Make the checkpoints under ``uri`` those of ``local.parent``: new complete ones published (``COMPLETE``
+    last), ones gone locally (older, or set aside by the NaN guard) removed there. ``local`` need not exist."""
+    from sdpo.train.checkpoint import COMPLETE, STATE, complete_checkpoints
+
+    here = complete_checkpoints(local.parent)
+    there = set(complete_checkpoints(uri))
+    for name in here:
+        source = local.parent / name
+        if name in there and fs.read_bytes(fs.join(uri, name, STATE)) == (source / STATE).read_bytes():
+            continue  # already there (state.json names the checkpoint uniquely)
+        fs.publish_dir(source, fs.join(uri, name), marker=COMPLETE)
     for name in fs.list_dirs(uri):
-        if name.startswith("step-") and name != local.name:
+        if name.startswith("step-") and name not in here:
             fs.remove(fs.join(uri, name))
 
 

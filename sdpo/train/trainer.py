@@ -1,13 +1,14 @@
 """One accelerate trainer for SFT, Diffusion-DPO, DSPO and DMPO, with or without the SDPO safeguard.
 
-The loop follows accelerate's conventions (``prepare``, ``accumulate``, ``save_state``/``load_state``). What is
-specific here:
+The loop follows accelerate's conventions (``prepare``, ``accumulate``). What is specific here:
 
 - the two images of a pair share one timestep and one noise tensor, and go through the denoiser in one batch;
 - the reference is a frozen copy of the denoiser (full fine-tune) or the same network with LoRA adapters disabled;
-- the data cursor and the noise generator are part of the checkpoint, so ``resume`` continues exactly where the
-  run stopped without replaying data (on CPU the final weights equal an uninterrupted run's bit for bit);
-- a non-finite loss or gradient stops the run with the step number; the last good checkpoint stays.
+- checkpoints are JSON + safetensors (:mod:`sdpo.train.checkpoint`; accelerate's ``save_state`` pickles are neither
+  written nor read) and carry the run's identity: ``resume`` continues only the same run, exactly where it stopped
+  without replaying data (on CPU the final weights equal an uninterrupted run's bit for bit);
+- a non-finite loss, gradient, weight or output stops the run with the step number and names a checkpoint that
+  is known good (:mod:`sdpo.train.guard`).
 """
 
 from __future__ import annotations
@@ -45,7 +46,11 @@ class TrainResult:
 
 
 class _LoopState:
-    """Everything besides model/optimizer/scheduler that a checkpoint must hold (registered with accelerate)."""
+    """Everything per process besides model/optimizer/scheduler that a checkpoint must hold.
+
+    The data cursor, the noise generator and the process's Python/NumPy/torch random states; stored as JSON and
+    safetensors by :mod:`sdpo.train.checkpoint` (never pickled).
+    """
 
     def __init__(self, loader, generator: torch.Generator) -> None:
         self.step = 0
@@ -53,17 +58,18 @@ class _LoopState:
         self.generator = generator
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "loader": self.loader.state_dict(), "generator": self.generator.get_state()}
+        from sdpo.train.checkpoint import rng_state
+
+        return {"step": self.step, "loader": self.loader.state_dict(), "generator": self.generator.get_state(),
+                "rng": rng_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        from sdpo.train.checkpoint import set_rng_state
+
         self.step = int(state["step"])
         self.loader.load_state_dict(state["loader"])
         self.generator.set_state(state["generator"])
-
-
-def _latest_checkpoint(ckpt_root: Path) -> Path | None:
-    done = [p for p in ckpt_root.glob("step-*") if (p / "COMPLETE").exists()]
-    return max(done, key=lambda p: int(p.name.split("-")[1])) if done else None
+        set_rng_state(state["rng"])
 
 
 def _build_optimizer(params: list[torch.nn.Parameter], cfg, lr: float) -> torch.optim.Optimizer:
@@ -226,47 +232,65 @@ class Trainer:
     # --- the loop -------------------------------------------------------------------------------------------
 
     def run(self, *, resume: bool = False, stop_after: int | None = None) -> TrainResult:
-        """Train to ``train.steps`` (or stop early after ``stop_after`` steps, for interruption tests)."""
+        """Train to ``train.steps`` (or stop early after ``stop_after`` steps, for interruption tests).
+
+        A fresh run refuses a folder that holds complete checkpoints; ``resume`` continues the newest one only if
+        it belongs to this run (:mod:`sdpo.train.checkpoint`), and with no checkpoint starts fresh.
+        """
         from tqdm.auto import tqdm
+
+        from sdpo.train import checkpoint as ck
+        from sdpo.train.guard import weights_finite
 
         self._setup()
         acc, t = self.accelerator, self.tcfg
         ckpt_root = self.output_dir / "checkpoints"
         metrics_path = self.output_dir / "metrics.jsonl"
-        if resume:
-            latest = _latest_checkpoint(ckpt_root)
-            if latest is not None:
-                acc.load_state(str(latest))
-                acc.wait_for_everyone()
-        elif acc.is_main_process and metrics_path.exists():
-            metrics_path.unlink()
-        last_good = _latest_checkpoint(ckpt_root)
+        self.identity = ck.RunIdentity.of(self.cfg, self.variant, self.shards_dir, self.base_model)
+        self.run_id, self.history = ck.new_run_id(), []
+        self._checkpoints_supported = self._check_strategy(resume)
+        latest = ck.latest_checkpoint(ckpt_root)
+        resumed_at: int | None = None
+        if resume and latest is not None:
+            resumed_at = self._resume(ckpt_root / latest)
+        elif latest is not None:
+            raise TrainingError(f"{ckpt_root} holds checkpoints of an earlier run (newest {latest}): resume it, or "
+                                "remove them to start over (`sdpo train --overwrite`)")
+        elif acc.is_main_process:
+            for name in ("metrics.jsonl", "heldout.jsonl"):
+                (self.output_dir / name).unlink(missing_ok=True)
+        acc.wait_for_everyone()
         stop_at = t.steps if stop_after is None else min(t.steps, self.state.step + stop_after)
         progress = tqdm(total=t.steps, initial=self.state.step, desc=f"train {self.variant}",
                         disable=not (self.show_progress and acc.is_local_main_process))
         batches = iter(self.loader)
+        trainable = [p for p in self.denoiser.parameters() if p.requires_grad]
         window: dict[str, list[torch.Tensor]] = {}
         tic, pairs_seen = time.perf_counter(), 0
         final: dict[str, float] = {}
         heldout: dict[str, float] = {}
+        batch: dict | None = None
         while self.state.step < stop_at:
             step = self.state.step + 1
             for _ in range(t.grad_accum):
                 batch = next(batches)
                 with acc.accumulate(self.denoiser):
                     out = self._micro_step(batch)
-                    if not torch.isfinite(out.loss):
-                        raise TrainingError(self._nonfinite(f"loss is {out.loss.item()}", step, last_good))
+                    if not self._everywhere(bool(torch.isfinite(out.loss))):  # from the weights of step - 1
+                        raise TrainingError(self._nonfinite(f"loss is {out.loss.item()}", step, weights_of=step - 1))
                     acc.backward(out.loss)
                     grad_norm = None
                     if acc.sync_gradients:
-                        grad_norm = self._clip_and_check(step, last_good)
+                        grad_norm = self._clip_and_check(step)
                     self.optimizer.step()
                     self.scheduler.step()
                     self.optimizer.zero_grad(set_to_none=True)
                 for k, v in out.metrics.items():
                     window.setdefault(k, []).append(v)
                 pairs_seen += len(batch["caption"]) * acc.num_processes
+            if not weights_finite(trainable):  # before anything can write or use them
+                raise TrainingError(self._nonfinite("the weights after the optimizer step are not finite", step,
+                                                    weights_of=step))
             if grad_norm is not None:
                 window.setdefault("grad_norm", []).append(grad_norm)
             self.state.step = step
@@ -282,28 +306,120 @@ class Trainer:
                 self._emit(row, step)
                 self._append_jsonl(self.output_dir / "heldout.jsonl", {"step": step, **row})
             if t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.steps:
-                last_good = self._checkpoint(ckpt_root, step)
+                self._checkpoint(ckpt_root, step, batch)
         progress.close()
+        if self.state.step != resumed_at:  # a resumed finished run has its final checkpoint already
+            self._checkpoint(ckpt_root, self.state.step, batch)
         if self.state.step < t.steps:  # stopped early on request
-            self._checkpoint(ckpt_root, self.state.step)
             return TrainResult(self.output_dir, self.output_dir / "model", self.state.step, final, heldout)
-        self._checkpoint(ckpt_root, self.state.step)
         model_dir = self._export(final, heldout)
+        self._record_run()
         return TrainResult(self.output_dir, model_dir, self.state.step, final, heldout)
 
-    def _clip_and_check(self, step: int, last_good: Path | None) -> torch.Tensor:
+    def _check_strategy(self, resume: bool) -> bool:
+        """Whether this launch can write and read checkpoints: they hold whole (unsharded) tensors."""
+        from accelerate.utils import DistributedType
+
+        kind = self.accelerator.distributed_type
+        if kind not in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
+            return True
+        if resume or self.tcfg.checkpoint_every:
+            raise TrainingError(f"checkpoints hold whole safetensors tensors; under {kind.value} the trainer neither "
+                                "writes nor resumes them yet: set train.checkpoint_every=0 and run without --resume")
+        print(f"train {self.variant}: no checkpoints under {kind.value} (whole-tensor format only)")
+        return False
+
+    def _everywhere(self, ok: bool) -> bool:
+        """``ok`` on every process (one tiny all-reduce with several), so all ranks stop together."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return ok
+        flag = torch.tensor([0.0 if ok else 1.0], device=acc.device)
+        return float(acc.reduce(flag, reduction="sum").item()) == 0.0
+
+    def _outputs_finite(self, batch: dict) -> bool:
+        """The objective's loss and diagnostics from the current weights on ``batch``, without moving any RNG."""
+        from sdpo.train.guard import outputs_finite, rng_preserved
+
+        with torch.no_grad(), rng_preserved(self.generator):
+            out = self._micro_step(batch)
+        return self._everywhere(outputs_finite(out.loss, out.metrics))
+
+    def _resume(self, path: Path) -> int:
+        """Load checkpoint ``path`` if it belongs to this run; apply allowed changes (lr...); returns its step."""
+        import datetime as dt
+
+        from sdpo.train import checkpoint as ck
+
+        acc, t = self.accelerator, self.tcfg
+        state = ck.read_state(path)
+        step = int(state["step"])
+        saved = ck.RunIdentity.from_dict(state["identity"])
+        problems = ck.identity_problems(saved, self.identity, checkpoint_step=step)
+        if int(state.get("world_size", 1)) != acc.num_processes:
+            problems.append(f"it was written by {state.get('world_size')} processes, this run has "
+                            f"{acc.num_processes}")
+        if problems:
+            raise TrainingError(f"cannot resume {path}: it is another run: " + "; ".join(problems)
+                                + ". Resume with the settings it was written with, or start over with --overwrite")
+        ck.load_weights(path, acc.unwrap_model(self.denoiser))
+        ck.load_shared(path, state, optimizer=self.optimizer, scheduler=self.scheduler, scaler=acc.scaler)
+        self.state.load_state_dict(ck.read_rank(path, acc.process_index))
+        if self.state.step != step:
+            raise TrainingError(f"{path}: loop state is at step {self.state.step}, state.json at {step}")
+        acc.step = int(state["accelerate_step"])
+        self.run_id, self.history = str(state["run_id"]), list(state.get("history", []))
+        changes = ck.free_changes(saved, self.identity)
+        old_lr = saved.free.get("train.lr")
+        if old_lr is not None and float(old_lr) != t.lr:
+            ck.rescale_lr(self.optimizer, self.scheduler, t.lr / float(old_lr))
+        if changes:
+            self.history.append({"step": step, "changed": changes,
+                                 "at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")})
+            print(f"train {self.variant}: resuming {path.name} with "
+                  + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changes.items()))
+        if acc.is_main_process:  # rows past the checkpoint came from the interrupted attempt: they are redone
+            for name in ("metrics.jsonl", "heldout.jsonl"):
+                _truncate_jsonl(self.output_dir / name, step)
+        return step
+
+    def _clip_and_check(self, step: int) -> torch.Tensor:
         params = [p for p in self.denoiser.parameters() if p.requires_grad]
         max_norm = self.tcfg.max_grad_norm if self.tcfg.max_grad_norm > 0 else math.inf
         norm = self.accelerator.clip_grad_norm_(params, max_norm)
         norm = torch.as_tensor(norm)
-        if not torch.isfinite(norm):
-            raise TrainingError(self._nonfinite(f"gradient norm is {norm.item()}", step, last_good))
+        if not torch.isfinite(norm):  # gradients of the loss from the weights of step - 1
+            raise TrainingError(self._nonfinite(f"gradient norm is {norm.item()}", step, weights_of=step - 1))
         return norm.detach()
 
-    def _nonfinite(self, what: str, step: int, last_good: Path | None) -> str:
-        kept = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
-        return (f"non-finite training at step {step} (variant {self.variant!r}): {what}; {kept}. "
-                "Lower train.lr or train.beta, or enable gradient clipping (train.max_grad_norm).")
+    def _nonfinite(self, what: str, step: int, *, weights_of: int) -> str:
+        """The NaN guard's message. The weights after step ``weights_of`` are bad: their checkpoint is set aside."""
+        from sdpo.train import checkpoint as ck
+        from sdpo.train.guard import advice
+
+        acc = self.accelerator
+        root = self.output_dir / "checkpoints"
+        bad = root / ck.checkpoint_name(weights_of)
+        rejected = ""
+        if acc.is_main_process and (bad / ck.COMPLETE).is_file():
+            moved = ck.reject(bad, f"step {step}: {what}")
+            rejected = f"; {bad.name} was set aside as {moved.name} (step {step} was computed from its weights)"
+            try:
+                self._notify(bad)
+            except Exception as err:  # the divergence is the error to report; say that the mirror lags
+                rejected += f" (mirroring that change failed: {type(err).__name__}: {err})"
+        acc.wait_for_everyone()
+        latest = ck.latest_checkpoint(root)
+        last_good = root / latest if latest else None
+        kept = (f"the last good checkpoint is {last_good} (finite weights and outputs, and the step after it "
+                "trained from it)" if last_good else "no checkpoint passed the check")
+        return (f"non-finite training at step {step} (variant {self.variant!r}): {what}; {kept}{rejected}. "
+                + advice(self.tcfg, last_good, variant=self.variant))
+
+    def _notify(self, path: Path) -> None:
+        """Tell ``on_checkpoint`` that the checkpoints under ``path.parent`` changed (mirroring)."""
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(path)
 
     def _flush(self, window: dict[str, list[torch.Tensor]], step: int, pairs_per_s: float) -> dict[str, float]:
         acc = self.accelerator
@@ -329,22 +445,59 @@ class Trainer:
             with path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
 
-    def _checkpoint(self, root: Path, step: int) -> Path:
-        """``save_state`` into ``step-N``; a ``COMPLETE`` marker makes a checkpoint eligible for resume."""
+    def _checkpoint(self, root: Path, step: int, batch: dict | None) -> Path | None:
+        """Write ``step-N`` in safe formats, renamed into place complete; the newest two are kept.
+
+        The weights were checked finite after the optimizer step; here the model's outputs from them on the step's
+        own batch must be finite too, or nothing is written. Refused when another run's checkpoints appear.
+        """
+        from sdpo.train import checkpoint as ck
+
         acc = self.accelerator
-        path = root / f"step-{step:07d}"
+        if not self._checkpoints_supported:
+            return None
+        if batch is not None and not self._outputs_finite(batch):
+            raise TrainingError(self._nonfinite("the model's outputs from the weights after this step are not "
+                                                "finite", step, weights_of=step))
+        name = ck.checkpoint_name(step)
+        path, staging = root / name, root / f".{name}.tmp"
+        foreign = ck.foreign_runs(root, self.run_id, ck.complete_checkpoints(root))
+        if foreign:
+            raise TrainingError(f"{root}: checkpoints of another run appeared ({', '.join(foreign)}): is a second "
+                                "trainer writing this folder? This run stops and leaves them as they are")
+        if acc.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
         acc.wait_for_everyone()
-        acc.save_state(str(path))
+        ck.write_rank(staging, acc.process_index, self.state.state_dict())
+        if acc.is_main_process:
+            meta = ck.CheckpointMeta(run_id=self.run_id, step=step, identity=self.identity.to_dict(),
+                                     config=config_to_dict(self.cfg), world_size=acc.num_processes,
+                                     history=self.history)
+            ck.write_shared(staging, meta, denoiser=acc.unwrap_model(self.denoiser), optimizer=self.optimizer,
+                            scheduler=self.scheduler, scaler=acc.scaler, accelerate_step=acc.step)
         acc.wait_for_everyone()
         if acc.is_main_process:
-            (path / "COMPLETE").write_text(str(step))
-            for old in root.glob("step-*"):  # keep the newest two
-                if old != path and int(old.name.split("-")[1]) < step - max(self.tcfg.checkpoint_every, 1):
-                    shutil.rmtree(old, ignore_errors=True)
-            if self.on_checkpoint is not None:
-                self.on_checkpoint(path)
+            (staging / ck.COMPLETE).write_text(str(step))
+            shutil.rmtree(path, ignore_errors=True)
+            os.replace(staging, path)
+            for old in ck.complete_checkpoints(root):  # keep the newest two
+                if old != name and (ck.step_of(old) or 0) < step - max(self.tcfg.checkpoint_every, 1):
+                    shutil.rmtree(root / old, ignore_errors=True)
+            self._notify(path)
         acc.wait_for_everyone()
         return path
+
+    def _record_run(self) -> None:
+        """Add the run's identity and resume history to ``training_summary.json`` (the config in force is there)."""
+        if not self.accelerator.is_main_process:
+            return
+        path = self.output_dir / "training_summary.json"
+        summary = json.loads(path.read_text())
+        summary.update(run_id=self.run_id, identity={k: v for k, v in self.identity.to_dict().items()
+                                                     if k in ("digest", "data", "base")},
+                       resumes=self.history)
+        path.write_text(json.dumps(summary, indent=2, sort_keys=True))
 
     def _export(self, final: dict[str, float], heldout: dict[str, float]) -> Path:
         acc = self.accelerator
@@ -380,6 +533,14 @@ class Trainer:
             (self.output_dir / "training_summary.json").write_text(text)
         acc.wait_for_everyone()
         return model_dir
+
+
+def _truncate_jsonl(path: Path, step: int) -> None:
+    """Keep the rows of a JSON-lines metrics file up to ``step``."""
+    if not path.is_file():
+        return
+    rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(row + "\n" for row in rows))
 
 
 def _manifest_digest(shards_dir: Path) -> str | None:
