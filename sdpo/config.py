@@ -391,7 +391,8 @@ def read_params(path: str | Path) -> dict[str, Any]:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Load ``params.yaml`` (or the schema's defaults when ``path`` is None) with dotted overrides applied."""
-    raw = read_params(path) if path is not None else {}
+    # the defaults as a full mapping, so that an override of one variant keeps the others
+    raw = read_params(path) if path is not None else config_to_dict(Config())
     return resolve_config(raw, overrides, str(path) if path is not None else "<defaults>")
 
 

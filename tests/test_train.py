@@ -29,9 +29,10 @@ METHODS = [("sft", "off"), ("dpo", "pair"), ("dspo", "batch"), ("dmpo", "pair")]
 @pytest.mark.parametrize("family", ["sd15", "sd2", "sdxl", "sd3"])
 @pytest.mark.parametrize(("method", "safeguard"), METHODS)
 def test_each_family_trains_each_method(tiny_models, small_shards, tmp_path, family, method, safeguard):
-    cfg = load_config(None, [*TINY, "train.steps=2", f"train.method={method}", f"train.safeguard={safeguard}"])
+    cfg = load_config(None, [*TINY, "train.steps=2", f"train.variants.dpo-sdpo.method={method}",
+                             f"train.variants.dpo-sdpo.safeguard={safeguard}"])
     result = train(cfg, shards_dir=small_shards, base_model=str(tiny_models[family]), output_dir=tmp_path,
-                   show_progress=False)
+                   variant="dpo-sdpo", show_progress=False)
     assert result.steps == 2 and torch.isfinite(torch.tensor(result.final_metrics["loss"]))
     if method != "sft":
         assert 0.0 <= result.final_metrics["lambda_mean"] <= 1.0
