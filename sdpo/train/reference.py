@@ -34,7 +34,8 @@ REFERENCE_SETTINGS = ("seed", "random_flip", "prompt_dropout", "mixed_precision"
 
 def frozen_copy(denoiser: nn.Module, dtype: str = "float32") -> nn.Module:
     """A frozen copy of ``denoiser`` (eval mode, no gradients) with weights in ``dtype``."""
-    return copy.deepcopy(denoiser).eval().requires_grad_(False).to(DTYPES[dtype])
+    module = copy.deepcopy(denoiser).eval().requires_grad_(False)
+    return module if dtype == "float32" else module.to(DTYPES[dtype])
 
 
 def forward_context(device: torch.device, mixed_precision: str, reference_dtype: str = "float32"):
