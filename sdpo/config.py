@@ -20,6 +20,11 @@ from sdpo.errors import SdpoError
 Method = Literal["sft", "dpo", "dspo", "dmpo"]
 SafeguardMode = Literal["off", "pair", "batch"]
 Family = Literal["sd15", "sd2", "sdxl", "sd3"]
+# every schedule of diffusers.optimization.SchedulerType (a test keeps the two lists equal)
+LrSchedule = Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                     "piecewise_constant"]
+WARMUP_IGNORED = ("constant", "piecewise_constant")  # diffusers' schedules that take no warmup
+DSPO_VARIANT_OF_FAMILY = {"sd15": "sd15", "sd2": "sd15", "sdxl": "sdxl", "sd3": "sd15"}
 
 
 class ConfigError(SdpoError, ValueError):
@@ -101,7 +106,8 @@ class TrainConfig(_Section):
     beta: float = Field(5000.0, gt=0)
     alpha: float = Field(0.01, gt=0, lt=1)  # DMPO target q = 1 - alpha
     max_lambda: float = Field(1.0, ge=0)
-    dspo_variant: Literal["sd15", "sdxl"] = "sd15"
+    # auto: the model family's (SDXL: the SDXL branch; SD1.5/SD2 and SD3: the SD1.5 formula); a mismatch is an error
+    dspo_variant: Literal["auto", "sd15", "sdxl"] = "auto"
     dspo_threshold: float = Field(0.1, ge=0)
     # the arms an experiment trains side by side; unset fields inherit from this section
     variants: dict[str, VariantConfig] = {
@@ -113,8 +119,11 @@ class TrainConfig(_Section):
     grad_accum: int = Field(1, ge=1)
     lr: float = Field(1e-5, gt=0)
     scale_lr: bool = False  # multiply lr by the effective batch, as the reference recipe does
-    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    lr_schedule: LrSchedule = "constant"  # the reference recipe: constant_with_warmup, 500 warmup steps
     warmup_steps: int = Field(0, ge=0)
+    lr_step_rules: str | None = None  # piecewise_constant only, e.g. "1:100,0.1:200,0.01" (optimizer steps)
+    lr_num_cycles: int = Field(1, ge=1)  # cosine_with_restarts
+    lr_power: float = Field(1.0, gt=0)  # polynomial
     optimizer: Literal["adamw", "adafactor", "adamw8bit"] = "adamw"
     weight_decay: float = Field(0.0, ge=0)
     adam_beta1: float = Field(0.9, ge=0, lt=1)
@@ -122,9 +131,23 @@ class TrainConfig(_Section):
     adam_eps: float = Field(1e-8, gt=0)
     max_grad_norm: float = Field(1.0, ge=0)  # 0 disables clipping
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    allow_tf32: bool = False  # TF32 matmuls and convolutions on Ampere+ GPUs (the reference recipe turns it on)
     gradient_checkpointing: bool = False
     prompt_dropout: float = Field(0.0, ge=0, le=1)
     random_flip: bool = False
+    # batch-mode safeguard: one lambda per micro-batch of this process (the reference code), or pooled over all
+    safeguard_reduce: Literal["process", "global"] = "process"
+    # frozen reference copy's weights (bf16 halves its memory; its errors are still computed in fp32)
+    reference_dtype: Literal["float32", "bfloat16"] = "float32"
+    # latent cache (`sdpo encode`): VAE posteriors and text embeddings computed once, beside the shards
+    cache: bool = False
+    cache_dtype: Literal["float16", "float32"] = "float16"
+    cache_flips: bool = True  # with random_flip: cache both orientations (off: half the size, training unflipped)
+    cache_batch_size: int = Field(16, ge=1)  # images/prompts per forward of the encode stage
+    # with the cache: the reference's per-pair errors for every (pair, epoch) draw, computed once by `sdpo encode`
+    # (DPO, DMPO, SFT; not DSPO); training then runs no reference model
+    precompute_reference: bool = False
+    reference_epochs: int = Field(0, ge=0)  # epochs of draws to precompute; 0: what one process needs for train.steps
     seed: int = 0
     checkpoint_every: int = Field(0, ge=0)  # 0: only at the end
     log_every: int = Field(10, ge=1)
@@ -149,6 +172,21 @@ class TrainConfig(_Section):
                 raise ValueError(
                     f"train.variants: name {name!r} must be letters, digits, '-' or '_' (it becomes a folder name)"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _schedule_uses_its_settings(self) -> TrainConfig:
+        """A warmup or step rule that the chosen learning-rate schedule would silently ignore is refused."""
+        if self.warmup_steps and self.lr_schedule in WARMUP_IGNORED:
+            hint = "constant_with_warmup" if self.lr_schedule == "constant" else "a schedule with warmup"
+            raise ValueError(f"train.warmup_steps={self.warmup_steps}: diffusers' {self.lr_schedule!r} schedule "
+                             f"has no warmup and would ignore it; use train.lr_schedule={hint} (the reference "
+                             "recipe) or train.warmup_steps=0")
+        if self.lr_schedule == "piecewise_constant" and not self.lr_step_rules:
+            raise ValueError("train.lr_schedule=piecewise_constant needs train.lr_step_rules (e.g. '1:100,0.1')")
+        if self.lr_step_rules and self.lr_schedule != "piecewise_constant":
+            raise ValueError(f"train.lr_step_rules is only used by lr_schedule=piecewise_constant, not "
+                             f"{self.lr_schedule!r}; remove it")
         return self
 
     def for_variant(self, name: str) -> TrainConfig:
@@ -229,9 +267,36 @@ class Config(_Section):
                 guard_value({}, guard)
             except ValueError as err:
                 problems.append(f"registry.guards: {err}")
+        problems += _training_problems(self)
         if problems:
             raise ValueError("\n".join(problems))
         return self
+
+
+def resolved_dspo_variant(setting: str, family: str) -> Literal["sd15", "sdxl"]:
+    """The DSPO branch for ``train.dspo_variant`` on ``model.family`` ("auto" follows the family)."""
+    return DSPO_VARIANT_OF_FAMILY[family] if setting == "auto" else setting  # type: ignore[return-value]
+
+
+def _training_problems(cfg: Config) -> list[str]:
+    """Training settings that contradict the model family or each other (one message each)."""
+    t, family = cfg.train, cfg.model.family
+    problems: list[str] = []
+    natural = DSPO_VARIANT_OF_FAMILY[family]
+    if t.dspo_variant != "auto" and family in ("sd15", "sd2", "sdxl") and t.dspo_variant != natural:
+        problems.append(f"train.dspo_variant: {t.dspo_variant!r} is the wrong DSPO branch for model.family "
+                        f"{family!r} (its own is {natural!r}; at SDXL's beta the other branch's loss is badly "
+                        "wrong); use 'auto'")
+    if t.precompute_reference and not t.cache:
+        problems.append("train.precompute_reference: needs train.cache=true (the reference errors are stored in the "
+                        "latent cache that `sdpo encode` writes)")
+    if t.precompute_reference:
+        arms = {name: t.for_variant(name).method for name in t.variants} or {"train": t.method}
+        dspo = sorted(name for name, method in arms.items() if method == "dspo")
+        if dspo:
+            problems.append(f"train.precompute_reference: arm(s) {dspo} use DSPO, whose loss needs the reference's "
+                            "prediction, not only its errors; train them with train.precompute_reference=false")
+    return problems
 
 
 # --- YAML: YAML 1.2 (``2e-05`` is a float, as dvc writes it), errors with file and line ---------------------

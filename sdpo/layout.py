@@ -6,6 +6,8 @@ The flow, the stages and ``dvc.yaml`` use these paths and nothing else (``tests/
     ROOT/raw/<split>.parquet            synthetic world as Pick-a-Pic parquet (embedded default only)
     ROOT/staging/ingest/<split>-<n>/    parts ingested in parallel, removed once merged
     ROOT/shards/<split>/                pairs-000000.tar ..., rejects.jsonl, manifest.json (written last)
+    ROOT/cache/encoded/<split>/         latent cache of the split's shards (`sdpo encode`): pairs-000000.tar ...,
+                                        empty_prompt.safetensors, reference_errors.npy, manifest.json (last)
     ROOT/cache/toy-base/<key>/          toy base models, keyed by what determines them
     ROOT/models/base/                   base.json (which base, its digest) and model/ for a built base
     ROOT/models/<arm>/                  model/, checkpoints/step-N/, metrics.jsonl, heldout.jsonl,
@@ -70,6 +72,10 @@ class RunLayout:
 
     def manifest(self, split: str) -> str:
         return join(self.shards(split), "manifest.json")
+
+    def cache(self, split: str) -> str:
+        """The latent cache of ``shards(split)``: VAE posteriors, text embeddings, optional reference errors."""
+        return self.path("cache", "encoded", _name("split", split))
 
     # --- models -------------------------------------------------------------------------------------------
 

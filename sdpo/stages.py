@@ -1,6 +1,10 @@
 """The pipeline's stages, one function each: the flow's steps, the ``sdpo`` commands and ``dvc.yaml`` call these.
 
-    synth -> ingest -> base -> train(arm) -> evaluate(arm) -> compare(arm) -> register(arm) -> promote(arm)
+    synth -> ingest -> base -> [encode(split)] -> train(arm) -> evaluate(arm) -> compare(arm) -> register(arm)
+          -> promote(arm)
+
+(``encode`` runs when ``train.cache`` is on: the latent cache of each split, and with ``train.precompute_reference``
+the reference errors every arm shares.)
 
 Every stage is a function of a :class:`StageContext` (the typed config and the run layout) and a few names (a
 split, an arm). It reads its inputs from the layout's root (a local folder or an object store), works in a local
@@ -234,6 +238,38 @@ def _local_model(uri: str) -> Iterator[str]:
         yield str(local)
 
 
+def encode(ctx: StageContext, split: str, *, base: str | None = None) -> dict[str, Any]:
+    """The latent cache of ``layout.shards(split)`` at ``layout.cache(split)`` (``train.cache``).
+
+    Runs the base model's VAE and text encoders once over the split (both flips with ``train.random_flip``), and for
+    the train split with ``train.precompute_reference`` the reference errors of every (pair, epoch) draw. The
+    manifest (model folder, component digests, dtype, resolution) is published last. Returns a summary.
+    """
+    from sdpo.models import load_model
+    from sdpo.train.encode import add_reference_errors, encode_dataset
+
+    t, layout = ctx.cfg.train, ctx.layout
+    if not t.cache:
+        raise ConfigError(f"{ctx.source}: train.cache is off, so there is nothing to encode (set train.cache=true)")
+    base_model = base or base_uri(ctx)
+    target = layout.cache(split)
+    with fs.local_copy(layout.shards(split), marker=MANIFEST) as shards, _local_model(base_model) as local_base, \
+            fs.publishing(target, marker=MANIFEST) as out:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model = load_model(local_base, ctx.cfg.model.family if ctx.cfg.model.base else None,
+                           revision=ctx.cfg.model.revision, device=device)
+        model.freeze_all_but_denoiser()
+        manifest = encode_dataset(model, shards, out, t, model_uri=base_model,
+                                  shard_max_pairs=ctx.cfg.data.shard_max_pairs, source_uri=layout.shards(split))
+        if split == "train" and t.precompute_reference:
+            manifest = add_reference_errors(model, out, t)
+    reference = manifest.get("reference")
+    return {"uri": target, "pairs": manifest["pairs_written"], "dtype": manifest["cache"]["dtype"],
+            "flips": manifest["cache"]["flips"], "reference_epochs": reference["epochs"] if reference else 0}
+
+
 def _optional_heldout(ctx: StageContext) -> str | None:
     uri = ctx.layout.shards("heldout")
     return uri if fs.exists(fs.join(uri, MANIFEST)) else None
@@ -305,9 +341,11 @@ def train(ctx: StageContext, arm: str, *, base: str | None = None, resume: bool 
     ctx.cfg.train.for_variant(arm)  # an unknown arm fails here, before anything is staged
     base_model = base or base_uri(ctx)
     with contextlib.ExitStack() as stack:
-        shards = stack.enter_context(fs.local_copy(layout.shards("train"), marker=MANIFEST))
         heldout_uri = _optional_heldout(ctx) if ctx.cfg.train.heldout_every else None
-        heldout = stack.enter_context(fs.local_copy(heldout_uri, marker=MANIFEST)) if heldout_uri else None
+        caches = _training_caches(ctx, stack, heldout_uri)
+        stage = _manifest_only if caches.get("cache") else fs.local_copy  # a cache makes the images unneeded
+        shards = stack.enter_context(stage(layout.shards("train"), marker=MANIFEST))
+        heldout = stack.enter_context(stage(heldout_uri, marker=MANIFEST)) if heldout_uri else None
         local_base = stack.enter_context(_local_model(base_model))
         work = stack.enter_context(fs.scratch("sdpo-train-")) if layout.remote else Path(layout.train_dir(arm))
         work.mkdir(parents=True, exist_ok=True)
@@ -318,7 +356,7 @@ def train(ctx: StageContext, arm: str, *, base: str | None = None, resume: bool 
                        heldout=str(heldout) if heldout else None, base=str(local_base), work_dir=str(work),
                        resume=resumed_from is not None, checkpoint_uri=layout.checkpoints(arm) if layout.remote
                        else None, mlflow_run_id=run.info.run_id, fault=ctx.attempt == 0
-                       and "train-after-checkpoint" in os.environ.get(FAULT_ENV, "").split(","))
+                       and "train-after-checkpoint" in os.environ.get(FAULT_ENV, "").split(","), **caches)
         _log_training_inputs(ctx, arm, shards)
         summary = launch(job, ctx.cfg.train) if should_launch(ctx.cfg.train) else run_job(job)
         _write_curves(work)
@@ -330,6 +368,33 @@ def train(ctx: StageContext, arm: str, *, base: str | None = None, resume: bool 
     summary.update(base_model=base_model, model=layout.model(arm), resumed_from=resumed_from,
                    mlflow_run_id=run.info.run_id)
     return summary
+
+
+def _training_caches(ctx: StageContext, stack: contextlib.ExitStack, heldout_uri: str | None) -> dict[str, str]:
+    """Local copies of the latent caches a run uses (``train.cache``): ``{"cache", "heldout_cache"}``."""
+    if not ctx.cfg.train.cache:
+        return {}
+    layout = ctx.layout
+    if not fs.exists(fs.join(layout.cache("train"), MANIFEST)):
+        raise TrainingError(f"{layout.cache('train')}: no latent cache; train.cache is on, run `sdpo encode "
+                            "--split train` (the encode stage) first")
+    found = {"cache": str(stack.enter_context(fs.local_copy(layout.cache("train"), marker=MANIFEST)))}
+    if heldout_uri and fs.exists(fs.join(layout.cache("heldout"), MANIFEST)):
+        found["heldout_cache"] = str(stack.enter_context(fs.local_copy(layout.cache("heldout"), marker=MANIFEST)))
+    return found
+
+
+@contextlib.contextmanager
+def _manifest_only(uri: str, *, marker: str) -> Iterator[Path]:
+    """A local folder holding only the dataset's manifest (a local dataset as it is): what cached training reads."""
+    if not fs.is_remote(uri):
+        with fs.local_copy(uri, marker=marker) as local:
+            yield local
+        return
+    with fs.scratch("sdpo-manifest-") as tmp:
+        folder = tmp / Path(uri.rstrip("/")).name
+        fs.download(fs.join(uri, marker), folder / marker)
+        yield folder
 
 
 def _log_training_inputs(ctx: StageContext, arm: str, shards: Path) -> None:

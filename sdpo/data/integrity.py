@@ -39,7 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from sdpo.data.shards import file_sha256, index_shard, read_manifest_and_digest, write_atomic
+from sdpo.data.shards import SAMPLE_FIELDS, file_sha256, index_shard, read_manifest_and_digest, write_atomic
 from sdpo.errors import DataError
 
 CACHE_ENV = "SDPO_VERIFY_CACHE"
@@ -82,7 +82,7 @@ def _key(digest: str, folder: Path, entry: dict[str, Any], stamp: dict[str, int]
     return (digest, str(folder), entry["name"], entry["sha256"], *sorted(stamp.items()))
 
 
-def verify_shard(folder: str | Path, entry: dict[str, Any]) -> dict[str, int]:
+def verify_shard(folder: str | Path, entry: dict[str, Any], fields: tuple[str, ...] = SAMPLE_FIELDS) -> dict[str, int]:
     """Check one manifest shard entry against its file now; returns the file's stamp as it was when checked."""
     path = Path(folder) / entry["name"]
     try:
@@ -93,7 +93,7 @@ def verify_shard(folder: str | Path, entry: dict[str, Any]) -> dict[str, int]:
         raise DataError(f"{path}: size {before['size']} differs from the manifest ({entry['bytes']} bytes)")
     if file_sha256(path) != entry["sha256"]:
         raise DataError(f"{path}: sha256 differs from the manifest (corrupted or replaced)")
-    index_shard(path, expected_pairs=entry["pairs"])  # not a tar, corrupt headers, wrong fields or count
+    index_shard(path, expected_pairs=entry["pairs"], fields=fields)  # not a tar, corrupt headers, fields, count
     return before
 
 
@@ -146,14 +146,15 @@ def _exclusive(lock_path: Path | None) -> Iterator[None]:
 # --- verification -------------------------------------------------------------------------------------------
 
 
-def _check_all(folder: Path, todo: list[dict[str, Any]], workers: int) -> Iterator[tuple[dict, dict[str, int]]]:
+def _check_all(folder: Path, todo: list[dict[str, Any]], workers: int,
+               fields: tuple[str, ...] = SAMPLE_FIELDS) -> Iterator[tuple[dict, dict[str, int]]]:
     """``(entry, stamp)`` for each entry in order; raises the first failure in manifest order."""
     if workers <= 1 or len(todo) <= 1:
         for entry in todo:
-            yield entry, verify_shard(folder, entry)
+            yield entry, verify_shard(folder, entry, fields)
         return
     with ThreadPoolExecutor(min(workers, len(todo))) as pool:  # hashlib releases the GIL on large blocks
-        futures = [pool.submit(verify_shard, folder, entry) for entry in todo]
+        futures = [pool.submit(verify_shard, folder, entry, fields) for entry in todo]
         try:
             for entry, future in zip(todo, futures, strict=True):
                 yield entry, future.result()
@@ -174,9 +175,13 @@ def verify_dataset(folder: str | Path, *, use_cache: bool = True, workers: int |
 
 
 def verify_dataset_with_digest(
-    folder: str | Path, *, use_cache: bool = True, workers: int | None = None
+    folder: str | Path, *, use_cache: bool = True, workers: int | None = None,
+    fields: tuple[str, ...] = SAMPLE_FIELDS,
 ) -> tuple[dict[str, Any], str]:
-    """:func:`verify_dataset`, also returning the sha256 of the manifest bytes that were verified."""
+    """:func:`verify_dataset`, also returning the sha256 of the manifest bytes that were verified.
+
+    ``fields``: the member stems every sample must have (a latent cache has its own, named in its manifest).
+    """
     folder = Path(folder)
     real = folder.resolve()  # the cache key: the same dataset reached through another path or link
     manifest, digest = read_manifest_and_digest(folder)
@@ -210,7 +215,7 @@ def verify_dataset_with_digest(
         record = _read_record(record_path, digest, real) if record_path else {}
         passed: dict[str, dict[str, Any]] = {}
         try:
-            for entry, stamp in _check_all(folder, pending(record), workers):
+            for entry, stamp in _check_all(folder, pending(record), workers, fields):
                 try:
                     changed = _stamp(folder / entry["name"]) != stamp
                 except OSError:

@@ -161,6 +161,18 @@ class PairDataset(Dataset):
         return {"win": item["win"], "lose": item["lose"], "caption": item["caption"], "key": self.keys[i],
                 "meta": item["meta"]}
 
+    def item(self, i: int, flip: bool) -> dict[str, Any]:
+        """``dataset[i]``, mirrored left-right when ``flip`` (the winner and loser alike): what the loader uses."""
+        item = self[i]
+        if flip:
+            item["win"] = np.ascontiguousarray(item["win"][:, ::-1])
+            item["lose"] = np.ascontiguousarray(item["lose"][:, ::-1])
+        return item
+
+    @staticmethod
+    def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+        return collate_pairs(items)
+
 
 # --- the resumable loader -----------------------------------------------------------------------------------
 
@@ -181,6 +193,7 @@ class SampleFailure:
 def collate_pairs(items: list[dict[str, Any] | SampleFailure]) -> dict[str, Any] | SampleFailure:
     """Stack pairs into ``{"win", "lose": float32 [B, 3, H, W] in [-1, 1], "caption", "key": lists}``.
 
+    Items placed by :class:`PairLoader` also give ``"index"`` (dataset position) and ``"epoch"`` lists.
     A :class:`SampleFailure` among the items is returned instead of a batch.
     """
     for item in items:
@@ -196,42 +209,57 @@ def collate_pairs(items: list[dict[str, Any] | SampleFailure]) -> dict[str, Any]
         "lose": to_tensor([item["lose"] for item in items]),
         "caption": [item["caption"] for item in items],
         "key": [item["key"] for item in items],
+        **placement(items),
     }
 
 
-class _FlippedView(Dataset):
-    """``view[(i, flip)]`` is ``dataset[i]`` mirrored left-right when ``flip`` (the winner and loser alike)."""
+def placement(items: list[dict[str, Any]]) -> dict[str, list[int]]:
+    """The ``"index"`` and ``"epoch"`` lists of items placed by :class:`PairLoader` (empty otherwise)."""
+    if not items or "epoch" not in items[0]:
+        return {}
+    return {"index": [int(item["index"]) for item in items], "epoch": [int(item["epoch"]) for item in items]}
 
-    def __init__(self, dataset: PairDataset):
+
+def flip_plan(seed: int, epoch: int, n: int) -> np.ndarray:
+    """Which of ``n`` pairs (by dataset position) are mirrored in ``epoch``: drawn from (seed, epoch) alone."""
+    return torch.randint(0, 2, (n,), generator=_generator(seed, epoch, "flip")).bool().numpy()
+
+
+class _PlacedView(Dataset):
+    """``view[(i, flip, epoch)]`` is ``dataset.item(i, flip)`` with its dataset position and epoch added.
+
+    The dataset mirrors the pair when ``flip`` (image shards flip pixels; a latent cache picks the mirrored
+    latents).
+    """
+
+    def __init__(self, dataset: Any):
         self.dataset = dataset
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: tuple[int, bool]) -> dict[str, Any] | SampleFailure:
-        i, flip = index
+    def __getitem__(self, index: tuple[int, bool, int]) -> dict[str, Any] | SampleFailure:
+        i, flip, epoch = index
         try:
-            item = self.dataset[i]
+            item = self.dataset.item(i, flip)
         except DataError as err:  # raised in a worker, torch would wrap it in a multi-line traceback text
             return SampleFailure(str(err))
-        if flip:
-            item["win"] = np.ascontiguousarray(item["win"][:, ::-1])
-            item["lose"] = np.ascontiguousarray(item["lose"][:, ::-1])
+        item["index"], item["epoch"] = i, epoch
         return item
 
 
 class _CursorBatches(Sampler):
-    """Infinite batches of ``(index, flip)`` for one rank, starting at a cursor (epoch, batch)."""
+    """Infinite batches of ``(index, flip, epoch)`` for one rank, starting at a cursor (epoch, batch)."""
 
     def __init__(self, loader: PairLoader, epoch: int, batch: int):
         self.loader, self.epoch, self.batch = loader, epoch, batch
 
-    def __iter__(self) -> Iterator[list[tuple[int, bool]]]:
+    def __iter__(self) -> Iterator[list[tuple[int, bool, int]]]:
         epoch, start = self.epoch, self.batch
         while True:
             indices, flips = self.loader.epoch_plan(epoch)
             for b in range(start, len(indices)):
-                yield [(int(i), bool(flips[i])) for i in indices[b]]
+                yield [(int(i), bool(flips[i]), epoch) for i in indices[b]]
             epoch, start = epoch + 1, 0
 
 
@@ -243,14 +271,17 @@ class PairLoader:
     batch ``b`` is ``world_size`` consecutive slices of the permutation and rank ``r`` takes slice ``r``. The optional
     horizontal flip of a pair (the same for its winner and loser) is drawn from (seed, epoch, pair index).
 
-    Batches: ``{"win", "lose": float32 [B, 3, H, W] in [-1, 1], "caption": list[str], "key": list[str]}``.
+    Batches: ``{"win", "lose": float32 [B, 3, H, W] in [-1, 1], "caption": list[str], "key": list[str],
+    "index": list[int], "epoch": list[int]}`` (index: position in the dataset; epoch: the pass it belongs to). Any
+    dataset with ``item(i, flip)``, ``collate(items)``, ``root`` and ``digest`` works (e.g. the latent cache,
+    :class:`sdpo.train.cache.CachedPairDataset`, whose batches hold latents and embeddings instead of images).
     :meth:`state_dict` is the position of the NEXT batch to hand out (prefetched batches are not counted); after
     :meth:`load_state_dict` the next ``iter()`` starts right there. Use one iterator at a time.
     """
 
     def __init__(
         self,
-        dataset: PairDataset,
+        dataset: Any,
         batch_size: int,
         seed: int,
         *,
@@ -288,11 +319,12 @@ class PairLoader:
         global_batch = self.world_size * self.batch_size
         order = order[: self.batches_per_epoch * global_batch].reshape(self.batches_per_epoch, global_batch)
         mine = order[:, self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
-        if self.random_flip:
-            flips = torch.randint(0, 2, (n,), generator=_generator(self.seed, epoch, "flip")).bool().numpy()
-        else:
-            flips = np.zeros(n, dtype=bool)
+        flips = flip_plan(self.seed, epoch, n) if self.random_flip else np.zeros(n, dtype=bool)
         return mine, flips
+
+    def epoch_of_batch(self, count: int) -> int:
+        """The epoch of this rank's ``count``-th batch (0-based) counted from the start of training."""
+        return count // self.batches_per_epoch
 
     def _advance(self) -> None:
         self.batch += 1
@@ -302,9 +334,9 @@ class PairLoader:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         workers = self.num_workers
         loader = DataLoader(
-            _FlippedView(self.dataset),
+            _PlacedView(self.dataset),
             batch_sampler=_CursorBatches(self, self.epoch, self.batch),
-            collate_fn=collate_pairs,
+            collate_fn=self.dataset.collate,
             num_workers=workers,
             prefetch_factor=self.prefetch_factor if workers > 0 else None,
         )

@@ -126,6 +126,11 @@ def _local_folder(source: str, revision: str | None) -> str:
         raise ModelError(f"{source}: not a local folder, and fetching it from the model hub failed: {err}") from err
 
 
+# what encodes images and prompts: training from a latent cache loads none of these
+ENCODER_COMPONENTS = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2",
+                      "tokenizer_3", "image_encoder", "feature_extractor", "safety_checker")
+
+
 def load_model(
     source: str,
     family: str | None = None,
@@ -133,10 +138,13 @@ def load_model(
     revision: str | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
+    encoders: bool = True,
 ) -> DiffusionModel:
     """Load a diffusers pipeline (local folder or hub id) behind its family's adapter.
 
-    ``family`` None detects it; a given family must fit the folder's pipeline class.
+    ``family`` None detects it; a given family must fit the folder's pipeline class. ``encoders=False`` loads only
+    the denoiser and the scheduler (training from a latent cache): the VAE, text encoders and tokenizers stay on
+    disk, and :meth:`DiffusionModel.save_pipeline` copies them from the folder.
     """
     model_dir = _local_folder(source, revision)
     detected = detect_family(model_dir)
@@ -148,13 +156,19 @@ def load_model(
         raise ModelError(f"{source}: model.family is {family!r} but the folder holds a {detected} pipeline")
     _check_components(model_dir, family)
     # components saved as None must be passed as None again, or diffusers refuses the folder (e.g. SD3 without T5)
-    absent = {name: None for name, present in _components(_model_index(model_dir)).items() if not present}
+    components = _components(_model_index(model_dir))
+    absent = {name: None for name, present in components.items() if not present}
+    if not encoders:
+        absent.update({name: None for name in ENCODER_COMPONENTS if name in components})
     try:
         pipeline = DiffusionPipeline.from_pretrained(model_dir, dtype=dtype, **absent)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
         raise ModelError(f"{source}: cannot load the {family} pipeline: {err}") from err
     pipeline.to(device)
-    return FAMILY_ADAPTERS[family](pipeline, family=family, source=source)
+    model = FAMILY_ADAPTERS[family](pipeline, family=family, source=source)
+    model.model_dir = Path(model_dir)
+    model.encoders_loaded = encoders
+    return model
 
 
 @contextmanager
@@ -177,6 +191,8 @@ class DiffusionModel:
         self.family = family
         self.source = source
         self.prediction_type: PredictionType = self._prediction_type()
+        self.model_dir: Path | None = None  # the local folder it was loaded from (set by load_model)
+        self.encoders_loaded = True
 
     def _prediction_type(self) -> PredictionType:
         raise NotImplementedError
@@ -223,8 +239,34 @@ class DiffusionModel:
         shift = config.get("shift_factor") or 0.0
         return (latents - shift) * config.scaling_factor
 
-    def encode_prompts(self, prompts: list[str]) -> dict[str, Tensor]:
-        """Conditioning tensors for :meth:`predict` (batch first, no gradient)."""
+    @torch.no_grad()
+    def encode_moments(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
+        """Pixels [B,3,H,W] in [-1, 1] -> mean and std of the VAE posterior in the scaled latent space.
+
+        ``mean + std * eps`` with standard normal ``eps`` is a posterior sample scaled as :meth:`encode_images`
+        scales it; the latent cache stores these two tensors, so cached and live training sample alike.
+        """
+        vae = self._needs("vae")
+        posterior = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist
+        mean, std = posterior.mean, posterior.std
+        config = vae.config
+        if config.get("latents_mean") is not None and config.get("latents_std") is not None:
+            shift = torch.tensor(config.latents_mean, device=mean.device, dtype=mean.dtype).view(1, -1, 1, 1)
+            scale = config.scaling_factor / torch.tensor(config.latents_std, device=mean.device,
+                                                         dtype=mean.dtype).view(1, -1, 1, 1)
+        else:
+            shift, scale = config.get("shift_factor") or 0.0, config.scaling_factor
+        return (mean - shift) * scale, std * scale
+
+    def _needs(self, component: str) -> nn.Module:
+        module = getattr(self.pipeline, component, None)
+        if module is None:
+            raise ModelError(f"{self.source}: the {component} was not loaded (training from a latent cache loads "
+                             "only the denoiser); use the cached tensors instead")
+        return module
+
+    def encode_prompts(self, prompts: list[str], *, image_size: int | None = None) -> dict[str, Tensor]:
+        """Conditioning tensors for :meth:`predict` (batch first, no gradient); ``image_size``: SDXL's time ids."""
         raise NotImplementedError
 
     def sample_timesteps(self, batch_size: int, generator: torch.Generator | None = None) -> Tensor:
@@ -247,8 +289,28 @@ class DiffusionModel:
         module = unwrap_model(self.denoiser if denoiser is None else denoiser)
         if has_lora(module):
             module = merge_lora(copy.deepcopy(module))
+        if not self.encoders_loaded:
+            self._save_beside_source(out_dir, module)
+            return
         with atomic_directory(out_dir) as tmp, _component_swapped(self.pipeline, self.denoiser_name, module):
             self.pipeline.save_pretrained(tmp)
+
+    def _save_beside_source(self, out_dir: str, module: nn.Module) -> None:
+        """The source folder's components as they are (VAE, text encoders...) and ``module`` as the denoiser."""
+        import shutil
+
+        if self.model_dir is None:
+            raise ModelError(f"{self.source}: loaded without its encoders and without a folder to copy them from")
+        with atomic_directory(out_dir) as tmp:
+            for entry in self.model_dir.iterdir():
+                if entry.name == self.denoiser_name or entry.name.startswith("."):
+                    continue
+                target = Path(tmp) / entry.name
+                if entry.is_dir():
+                    shutil.copytree(entry, target)
+                else:
+                    shutil.copy2(entry, target)
+            module.save_pretrained(str(Path(tmp) / self.denoiser_name))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(family={self.family!r}, source={self.source!r}, {self.prediction_type})"
@@ -275,7 +337,8 @@ class UNetModel(DiffusionModel):
         return kind
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> dict[str, Tensor]:
+    def encode_prompts(self, prompts: list[str], *, image_size: int | None = None) -> dict[str, Tensor]:
+        self._needs("text_encoder")
         embeds, _ = self.pipeline.encode_prompt(
             list(prompts), self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
         )
@@ -315,6 +378,7 @@ class SDXLModel(UNetModel):
         self, prompts: list[str], *, image_size: int | tuple[int, int] | None = None
     ) -> dict[str, Tensor]:
         """Also ``text_embeds`` (pooled) and ``time_ids`` for ``image_size`` (default: the pipeline's), no crop."""
+        self._needs("text_encoder_2")
         embeds, _, pooled, _ = self.pipeline.encode_prompt(
             list(prompts), device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
         )
@@ -368,7 +432,8 @@ class SD3Model(DiffusionModel):
         return "flow"
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> dict[str, Tensor]:
+    def encode_prompts(self, prompts: list[str], *, image_size: int | None = None) -> dict[str, Tensor]:
+        self._needs("text_encoder")
         prompts = list(prompts)
         embeds, _, pooled, _ = self.pipeline.encode_prompt(
             prompts,

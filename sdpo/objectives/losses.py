@@ -11,7 +11,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from sdpo.config import TrainConfig
+from sdpo.config import TrainConfig, resolved_dspo_variant
 from sdpo.objectives.errors import per_sample_mse
 from sdpo.objectives.safeguard import SafeguardGranularity, safeguard_lambda_with_stats, scale_gradient
 
@@ -79,15 +79,17 @@ class ObjectiveConfig:
     mu: float = _DEFAULTS["mu"].default
     max_lambda: float = _DEFAULTS["max_lambda"].default
     alpha: float = _DEFAULTS["alpha"].default
-    dspo_variant: Literal["sd15", "sdxl"] = _DEFAULTS["dspo_variant"].default
+    dspo_variant: Literal["sd15", "sdxl"] = "sd15"  # resolved: TrainConfig's "auto" follows the model family
     dspo_threshold: float = _DEFAULTS["dspo_threshold"].default
-    all_reduce: bool = False  # batch-mode safeguard: pool the sums across processes
+    all_reduce: bool = False  # batch-mode safeguard: pool the sums across processes (safeguard_reduce=global)
 
     @classmethod
-    def from_train(cls, train: object, *, all_reduce: bool = False) -> ObjectiveConfig:
-        """Build from a :class:`sdpo.config.TrainConfig` (or anything with the same attribute names)."""
-        names = ("method", "beta", "safeguard", "mu", "max_lambda", "alpha", "dspo_variant", "dspo_threshold")
-        return cls(**{n: getattr(train, n) for n in names}, all_reduce=all_reduce)
+    def from_train(cls, train: object, *, family: str = "sd15") -> ObjectiveConfig:
+        """Build from a :class:`sdpo.config.TrainConfig`, with its DSPO branch resolved for ``family``."""
+        names = ("method", "beta", "safeguard", "mu", "max_lambda", "alpha", "dspo_threshold")
+        return cls(**{n: getattr(train, n) for n in names},
+                   dspo_variant=resolved_dspo_variant(train.dspo_variant, family),
+                   all_reduce=train.safeguard_reduce == "global")
 
 
 @dataclass
@@ -105,12 +107,16 @@ def compute_objective(
     target_l: torch.Tensor | None = None,
     ref_pred_w: torch.Tensor | None = None,
     ref_pred_l: torch.Tensor | None = None,
+    *,
+    ref_mse: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> ObjectiveOutput:
     """Loss and diagnostics for one micro-batch of pairs (batch first; pair i = winner i, loser i).
 
-    ``sft`` needs only the winner tensors. Preference methods need all six; the reference predictions must
-    come from the frozen reference model (no gradient). With ``cfg.safeguard != "off"`` the loser error's
-    gradient is scaled by the closed-form lambda (straight-through), so every forward value is unchanged.
+    ``sft`` needs only the winner tensors. Preference methods need the loser tensors and the reference: either its
+    predictions (``ref_pred_w``, ``ref_pred_l``, from the frozen reference model, no gradient) or, for DPO and
+    DMPO, only its per-sample fp32 errors ``ref_mse = (r_w, r_l)`` (precomputed; DSPO needs the predictions).
+    With ``cfg.safeguard != "off"`` the loser error's gradient is scaled by the closed-form lambda
+    (straight-through), so every forward value is unchanged.
     """
     if cfg.method == "sft":
         m_w = per_sample_mse(pred_w, target_w)
@@ -118,16 +124,25 @@ def compute_objective(
         return ObjectiveOutput(loss, {"loss": loss.detach(), "model_mse_w": m_w.detach().mean()})
     if cfg.method not in PREFERENCE_METHODS:
         raise ValueError(f"unknown method {cfg.method!r}; allowed: 'sft', 'dpo', 'dspo', 'dmpo'")
-    if any(t is None for t in (pred_l, target_l, ref_pred_w, ref_pred_l)):
-        raise ValueError(f"method {cfg.method!r} needs loser predictions/targets and reference predictions")
+    if pred_l is None or target_l is None:
+        raise ValueError(f"method {cfg.method!r} needs loser predictions and targets")
+    have_preds = ref_pred_w is not None and ref_pred_l is not None
+    if cfg.method == "dspo" and not have_preds:
+        raise ValueError("method 'dspo' needs the reference predictions (ref_pred_w, ref_pred_l): its loss uses "
+                         "pred_w - ref_pred_w, which precomputed reference errors do not hold")
+    if not have_preds and ref_mse is None:
+        raise ValueError(f"method {cfg.method!r} needs reference predictions or precomputed reference errors")
 
     err_w = pred_w.float() - target_w.float()
     err_l = pred_l.float() - target_l.float()
     m_w = err_w.pow(2).flatten(1).mean(1)
     m_l = err_l.pow(2).flatten(1).mean(1)
-    with torch.no_grad():
-        r_w = per_sample_mse(ref_pred_w, target_w)
-        r_l = per_sample_mse(ref_pred_l, target_l)
+    if have_preds:
+        with torch.no_grad():
+            r_w = per_sample_mse(ref_pred_w, target_w)
+            r_l = per_sample_mse(ref_pred_l, target_l)
+    else:
+        r_w, r_l = (r.detach().float().to(m_w.device) for r in ref_mse)
 
     metrics: dict[str, torch.Tensor] = {}
     lam = None

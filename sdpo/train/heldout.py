@@ -26,27 +26,35 @@ class HeldoutProbe:
     """Precomputed held-out inputs; :meth:`deltas` evaluates a denoiser on them."""
 
     def __init__(self, model, pairs: dict, reference: torch.nn.Module, *, seed: int = 0, batch_size: int = 32,
-                 repeats: int = 2) -> None:
-        """``pairs`` as returned by :func:`sdpo.data.loader.load_pairs_arrays`; ``repeats`` noise draws per pair."""
+                 repeats: int = 2, image_size: int | None = None) -> None:
+        """``pairs``: images as returned by :func:`sdpo.data.loader.load_pairs_arrays`, or a latent-cache batch
+        (``win_mean``, ``lose_mean``, ``cond``: :meth:`sdpo.train.cache.CachedPairDataset.first`), whose
+        posterior means are the latents; ``repeats`` noise draws per pair."""
         self.model = model
         self.chunks: list[_Chunk] = []
         gen = torch.Generator().manual_seed(seed)
         device = model.denoiser.device if hasattr(model.denoiser, "device") else torch.device("cpu")
-        win = _to_pixels(pairs["win"])
-        lose = _to_pixels(pairs["lose"])
+        cached = "win_mean" in pairs
+        if not cached:
+            win = _to_pixels(pairs["win"])
+            lose = _to_pixels(pairs["lose"])
         captions = list(pairs["caption"])
         with torch.no_grad():
             for _ in range(repeats):
                 for start in range(0, len(captions), batch_size):
                     sl = slice(start, start + batch_size)
-                    lat_w = model.encode_images(win[sl].to(device), sample=False)
-                    lat_l = model.encode_images(lose[sl].to(device), sample=False)
+                    if cached:
+                        lat_w, lat_l = pairs["win_mean"][sl].to(device), pairs["lose_mean"][sl].to(device)
+                        cond = {k: v[sl].to(device) for k, v in pairs["cond"].items()}
+                    else:
+                        lat_w = model.encode_images(win[sl].to(device), sample=False)
+                        lat_l = model.encode_images(lose[sl].to(device), sample=False)
+                        cond = model.encode_prompts(captions[sl], image_size=image_size)
                     n = lat_w.shape[0]
                     t = model.sample_timesteps(n, generator=gen).to(device)
                     noise = torch.randn(lat_w.shape, generator=gen).to(device, lat_w.dtype)
                     noisy_w, target_w = model.noisy_input_and_target(lat_w, noise, t)
                     noisy_l, target_l = model.noisy_input_and_target(lat_l, noise, t)
-                    cond = model.encode_prompts(captions[sl])
                     chunk = _Chunk(
                         noisy=torch.cat([noisy_w, noisy_l]),
                         timesteps=torch.cat([t, t]),

@@ -37,6 +37,8 @@ class TrainJob:
     checkpoint_uri: str | None = None  # mirror complete checkpoints here (an object-store root)
     mlflow_run_id: str | None = None  # log metrics into this run
     fault: bool = False  # fail after the first mirrored checkpoint (retry tests, see sdpo.stages.FAULT_ENV)
+    cache: str | None = None  # local latent cache of the train shards (train.cache)
+    heldout_cache: str | None = None  # local latent cache of the held-out shards
 
 
 def mirror_checkpoint(local: Path, uri: str) -> None:
@@ -89,7 +91,7 @@ def run_job(job: TrainJob) -> dict[str, Any]:
 
     train(cfg, shards_dir=job.shards, base_model=job.base, output_dir=job.work_dir, variant=job.arm,
           heldout_shards=job.heldout, resume=job.resume, on_metrics=_metrics_logger(job.mlflow_run_id),
-          on_checkpoint=on_checkpoint)
+          on_checkpoint=on_checkpoint, cache_dir=job.cache, heldout_cache=job.heldout_cache)
     return json.loads((Path(job.work_dir) / "training_summary.json").read_text())
 
 

@@ -3,7 +3,11 @@
 The loop follows accelerate's conventions (``prepare``, ``accumulate``). What is specific here:
 
 - the two images of a pair share one timestep and one noise tensor, and go through the denoiser in one batch;
-- the reference is a frozen copy of the denoiser (full fine-tune) or the same network with LoRA adapters disabled;
+- every random draw of a pair (prompt dropout, timestep, noise, VAE posterior sample) is a pure function of
+  (seed, epoch, pair key) (:mod:`sdpo.train.noise`), whatever the batch, rank or resume point;
+- with a latent cache (``train.cache``, :mod:`sdpo.train.cache`) it loads only the denoiser: no VAE, no text encoder;
+- the reference is a frozen copy of the denoiser (fp32 or bf16 weights), the same network with LoRA adapters
+  disabled, or, for DPO/DMPO with ``train.precompute_reference``, the errors the encode stage stored: no model;
 - checkpoints are JSON + safetensors (:mod:`sdpo.train.checkpoint`; accelerate's ``save_state`` pickles are neither
   written nor read) and carry the run's identity: ``resume`` continues only the same run, exactly where it stopped
   without replaying data (on CPU the final weights equal an uninterrupted run's bit for bit);
@@ -107,7 +111,10 @@ class Trainer:
     def __init__(self, cfg: Config, *, shards_dir: str | Path, base_model: str, output_dir: str | Path,
                  variant: str | None = None, heldout_shards: str | Path | None = None,
                  on_metrics: MetricsCallback | None = None, on_checkpoint: CheckpointCallback | None = None,
-                 show_progress: bool = True) -> None:
+                 show_progress: bool = True, cache_dir: str | Path | None = None,
+                 heldout_cache: str | Path | None = None) -> None:
+        """``cache_dir``: the latent cache of the train shards (then ``shards_dir`` needs only its manifest);
+        ``heldout_cache``: that of the held-out shards, for the held-out probe."""
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration
 
@@ -117,6 +124,8 @@ class Trainer:
         self.output_dir = Path(output_dir)
         self.shards_dir = Path(shards_dir)
         self.heldout_shards = Path(heldout_shards) if heldout_shards else None
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.heldout_cache = Path(heldout_cache) if heldout_cache else None
         self.base_model = base_model
         self.on_metrics = on_metrics
         self.on_checkpoint = on_checkpoint
@@ -132,52 +141,116 @@ class Trainer:
 
     def _setup(self) -> None:
         from accelerate.utils import set_seed
-        from diffusers.optimization import get_scheduler
 
-        from sdpo.data.loader import PairDataset, PairLoader
+        from sdpo.data.loader import PairLoader
         from sdpo.models import load_model
+        from sdpo.train.schedule import build_lr_scheduler
 
         acc, t = self.accelerator, self.tcfg
         set_seed(t.seed)
+        if t.allow_tf32:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
         self.model = load_model(self.base_model, self.cfg.model.family if self.cfg.model.base else None,
-                                revision=self.cfg.model.revision, device=acc.device)
+                                revision=self.cfg.model.revision, device=acc.device, encoders=self.cache_dir is None)
         self.model.freeze_all_but_denoiser()
         denoiser = self.model.denoiser
         denoiser.train()
         self.lora = self.cfg.model.lora.enabled
-        self.reference: torch.nn.Module | None = None
+        dataset = self._dataset()
+        self.random_flip = t.random_flip and (self.cache is None or self.cache.flips)
+        if t.random_flip and not self.random_flip:
+            print(f"train: {self.cache_dir} holds one orientation per image (train.cache_flips=false): "
+                  "training without random flips")
+        self._set_up_reference(denoiser)
         if self.lora:
             from sdpo.models.lora import add_lora
 
             lc = self.cfg.model.lora
             add_lora(denoiser, lc.rank, lc.alpha, lc.target_modules)
-        elif t.method != "sft":
-            self.reference = copy.deepcopy(denoiser).eval().requires_grad_(False)
         if t.gradient_checkpointing:
             denoiser.enable_gradient_checkpointing()
 
-        dataset = PairDataset(self.shards_dir)
-        self.data_manifest = dataset.manifest
         self.loader = PairLoader(dataset, t.batch_size, t.seed, rank=acc.process_index, world_size=acc.num_processes,
-                                 random_flip=t.random_flip, num_workers=t.dataloader_workers)
+                                 random_flip=self.random_flip, num_workers=t.dataloader_workers)
         lr = t.lr * (t.batch_size * t.grad_accum * acc.num_processes if t.scale_lr else 1)
         params = [p for p in denoiser.parameters() if p.requires_grad]
         optimizer = _build_optimizer(params, t, lr)
-        # accelerate steps a prepared scheduler once per process per optimizer step: scale like diffusers does
-        scheduler = get_scheduler(t.lr_schedule, optimizer, num_warmup_steps=t.warmup_steps * acc.num_processes,
-                                  num_training_steps=t.steps * acc.num_processes)
+        scheduler = build_lr_scheduler(t, optimizer, acc.num_processes)
         self.denoiser, self.optimizer, self.scheduler = acc.prepare(denoiser, optimizer, scheduler)
-        self.objective = ObjectiveConfig.from_train(t, all_reduce=acc.num_processes > 1)
+        self.objective = ObjectiveConfig.from_train(t, family=self.model.family)
+        # kept in the checkpoint for compatibility; the draws themselves come from sdpo.train.noise
         self.generator = torch.Generator().manual_seed(t.seed * 1000 + acc.process_index)
         self.state = _LoopState(self.loader, self.generator)
         acc.register_for_checkpointing(self.state)
-        self.probe = None
-        if self.heldout_shards and t.heldout_every and acc.is_main_process:
+        self.probe = self._heldout_probe() if self.heldout_shards and t.heldout_every and acc.is_main_process \
+            else None
+
+    def _dataset(self):
+        """The image shards, or the latent cache checked against the model, resolution and shards."""
+        from sdpo.data.loader import PairDataset
+
+        self.cache = None
+        if self.cache_dir is None:
+            dataset = PairDataset(self.shards_dir)
+            self.data_manifest, self.resolution = dataset.manifest, int(dataset.resolution)
+            return dataset
+        from sdpo.train.cache import CachedPairDataset, check_cache_matches
+
+        manifest_path = self.shards_dir / "manifest.json"
+        if not manifest_path.is_file():
+            raise TrainingError(f"{self.shards_dir}: no manifest.json; training from a cache still needs the "
+                                "train shards' manifest (what the cache was encoded from)")
+        self.data_manifest = json.loads(manifest_path.read_text())  # the images themselves are not read
+        self.resolution = int(self.data_manifest["resolution"])
+        self.cache = CachedPairDataset(self.cache_dir)
+        check_cache_matches(self.cache, model_dir=self.model.model_dir, family=self.model.family,
+                            resolution=self.resolution, source_digest=_manifest_digest(self.shards_dir))
+        return self.cache
+
+    def _set_up_reference(self, denoiser: torch.nn.Module) -> None:
+        """The reference before adapters are added: a frozen copy, the LoRA base, precomputed errors or none."""
+        from sdpo.train.reference import PrecomputedReference, frozen_copy
+
+        t = self.tcfg
+        self.reference: torch.nn.Module | None = None
+        self.precomputed: PrecomputedReference | None = None
+        if t.method == "sft":
+            return
+        if t.precompute_reference:
+            if t.method == "dspo":
+                raise TrainingError("train.precompute_reference: DSPO needs the reference's prediction, not only "
+                                    "its errors; train DSPO with train.precompute_reference=false")
+            from sdpo.train.encode import reference_components
+
+            self.precomputed = PrecomputedReference(self.cache, t, random_flip=self.random_flip,
+                                                    world_size=self.accelerator.num_processes,
+                                                    denoiser_digest=reference_components(self.model))
+        elif not self.lora:
+            self.reference = frozen_copy(denoiser, t.reference_dtype)
+
+    def _heldout_probe(self):
+        """Held-out winner/loser deltas: from the held-out cache when training from a cache, else from images."""
+        from sdpo.train.heldout import HeldoutProbe
+
+        t = self.tcfg
+        if self.cache_dir is None:
             from sdpo.data.loader import load_pairs_arrays
-            from sdpo.train.heldout import HeldoutProbe
 
             pairs = load_pairs_arrays(self.heldout_shards, n=t.heldout_pairs)
-            self.probe = HeldoutProbe(self.model, pairs, self.reference or self.model.denoiser, seed=t.seed)
+        elif self.heldout_cache is None:
+            print("train: no held-out latent cache (run `sdpo encode` on the heldout split): no held-out probe")
+            return None
+        else:
+            from sdpo.train.cache import CachedPairDataset, check_cache_matches
+
+            held = CachedPairDataset(self.heldout_cache)
+            check_cache_matches(held, model_dir=self.model.model_dir, family=self.model.family,
+                                resolution=self.resolution, source_digest=_manifest_digest(self.heldout_shards))
+            pairs = held.first(t.heldout_pairs)
+        # before any training step (and before a resume loads its weights) the policy is the reference
+        return HeldoutProbe(self.model, pairs, self.reference or self.model.denoiser, seed=t.seed,
+                            image_size=self.resolution)
 
     @contextlib.contextmanager
     def _reference(self) -> Iterator[torch.nn.Module]:
@@ -187,47 +260,50 @@ class Trainer:
             inner = self.accelerator.unwrap_model(self.denoiser)
             with adapters_disabled(inner):
                 yield inner
+        elif self.reference is None:
+            raise TrainingError("no reference model in memory (precomputed reference errors, or SFT)")
         else:
             yield self.reference
 
     # --- one micro-batch ------------------------------------------------------------------------------------
 
-    def _encode(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        device = self.accelerator.device
-        captions = list(batch["caption"])
-        if self.tcfg.prompt_dropout > 0:
-            drop = torch.rand(len(captions), generator=self.generator) < self.tcfg.prompt_dropout
-            captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
-        with torch.no_grad():
-            if "win_latents" in batch:
-                lat_w, lat_l = batch["win_latents"].to(device).float(), batch["lose_latents"].to(device).float()
-            else:
-                lat_w = self.model.encode_images(batch["win"].to(device), generator=self.generator)
-                lat_l = self.model.encode_images(batch["lose"].to(device), generator=self.generator)
-            cond = self.model.encode_prompts(captions)
-        return lat_w, lat_l, cond
+    def _encode(self, batch: dict):
+        """Latents (posterior samples with the pairs' own normals), conditioning and draws: live or cached."""
+        from sdpo.train.inputs import encode_batch
+
+        return encode_batch(self.model, batch, seed=self.tcfg.seed, prompt_dropout=self.tcfg.prompt_dropout,
+                            resolution=self.resolution,
+                            empty_prompt=self.cache.empty_prompt() if self.cache is not None else None)
+
+    def _inputs(self, batch: dict):
+        """What the denoiser sees for a loader batch (:class:`sdpo.train.inputs.DenoiserInputs`)."""
+        from sdpo.train.inputs import denoiser_inputs
+
+        return denoiser_inputs(self.model, self._encode(batch), pairs=self.tcfg.method != "sft")
+
+    def _reference_outputs(self, batch: dict, x) -> dict[str, Any]:
+        """``compute_objective``'s reference arguments: precomputed errors, or the reference's predictions."""
+        if self.precomputed is not None:
+            return {"ref_mse": self.precomputed.errors(batch, x.target_w.device)}
+        from sdpo.train.reference import forward_context
+
+        # autocast explicitly: accelerate only wraps the prepared (policy) model's forward in it
+        context = forward_context(self.accelerator.device, self.tcfg.mixed_precision,
+                                  "float32" if self.lora else self.tcfg.reference_dtype)
+        with torch.no_grad(), self._reference() as reference, context:
+            ref_pred = self.model.predict(reference, x.noisy, x.timesteps, x.cond)
+        ref_w, ref_l = ref_pred.chunk(2)
+        return {"ref_pred_w": ref_w, "ref_pred_l": ref_l}
 
     def _micro_step(self, batch: dict) -> Any:
-        lat_w, lat_l, cond = self._encode(batch)
-        n = lat_w.shape[0]
-        device = lat_w.device
-        timesteps = self.model.sample_timesteps(n, generator=self.generator).to(device)
-        noise = torch.randn(lat_w.shape, generator=self.generator).to(device, lat_w.dtype)
-        noisy_w, target_w = self.model.noisy_input_and_target(lat_w, noise, timesteps)
+        x = self._inputs(batch)
         if self.tcfg.method == "sft":
-            pred_w = self.model.predict(self.denoiser, noisy_w, timesteps, cond)
-            return compute_objective(self.objective, pred_w, target_w)
-        noisy_l, target_l = self.model.noisy_input_and_target(lat_l, noise, timesteps)
-        noisy = torch.cat([noisy_w, noisy_l])
-        t2 = torch.cat([timesteps, timesteps])
-        cond2 = {k: torch.cat([v, v]) for k, v in cond.items()}
-        # autocast explicitly: accelerate only wraps the prepared (policy) model's forward in it
-        with torch.no_grad(), self._reference() as reference, self.accelerator.autocast():
-            ref_pred = self.model.predict(reference, noisy, t2, cond2)
-        pred = self.model.predict(self.denoiser, noisy, t2, cond2)
+            pred_w = self.model.predict(self.denoiser, x.noisy, x.timesteps, x.cond)
+            return compute_objective(self.objective, pred_w, x.target_w)
+        reference = self._reference_outputs(batch, x)
+        pred = self.model.predict(self.denoiser, x.noisy, x.timesteps, x.cond)
         pred_w, pred_l = pred.chunk(2)
-        ref_w, ref_l = ref_pred.chunk(2)
-        return compute_objective(self.objective, pred_w, target_w, pred_l, target_l, ref_w, ref_l)
+        return compute_objective(self.objective, pred_w, x.target_w, pred_l, x.target_l, **reference)
 
     # --- the loop -------------------------------------------------------------------------------------------
 
@@ -551,13 +627,15 @@ def _manifest_digest(shards_dir: Path) -> str | None:
 def train(cfg: Config, *, shards_dir: str | Path, base_model: str, output_dir: str | Path, variant: str | None = None,
           heldout_shards: str | Path | None = None, resume: bool = False, on_metrics: MetricsCallback | None = None,
           on_checkpoint: CheckpointCallback | None = None, stop_after: int | None = None,
-          show_progress: bool = True) -> TrainResult:
+          show_progress: bool = True, cache_dir: str | Path | None = None,
+          heldout_cache: str | Path | None = None) -> TrainResult:
     """Train one variant and write ``output_dir/model`` (a diffusers pipeline folder), checkpoints and metrics.
 
     ``on_checkpoint(path)`` runs on the main process after each complete checkpoint (e.g. to mirror it to a store).
+    ``cache_dir`` / ``heldout_cache``: latent caches of the train / held-out shards (``sdpo encode``).
     """
     os.makedirs(output_dir, exist_ok=True)
     trainer = Trainer(cfg, shards_dir=shards_dir, base_model=base_model, output_dir=output_dir, variant=variant,
                       heldout_shards=heldout_shards, on_metrics=on_metrics, on_checkpoint=on_checkpoint,
-                      show_progress=show_progress)
+                      show_progress=show_progress, cache_dir=cache_dir, heldout_cache=heldout_cache)
     return trainer.run(resume=resume, stop_after=stop_after)
