@@ -420,11 +420,12 @@ def evaluate(ctx: StageContext, arm: str, *, model: str | None = None, base: str
     """Sample the arm's model on the evaluation prompts with fixed seeds, score it, publish ``layout.evals(arm)``.
 
     With held-out shards the held-out winner/loser error deltas against the base are added (zero by definition
-    for the base itself). Owns the MLflow run ``evaluate-<arm>``. Returns the metrics.
+    for the base itself). ``base`` is that reference (default: the recorded base). The evaluation is written to a
+    scratch folder, logged from there into the MLflow run ``evaluate-<arm>`` (the records promotion decides from:
+    see :func:`sdpo.tracking.runs.log_eval_dir`), then published. Returns the metrics and ``evaluation_run_id``.
     """
     from sdpo.eval.generate import evaluate as evaluate_model
     from sdpo.eval.generate import resolve_prompts
-    from sdpo.tracking.runs import log_eval_dir
 
     model_uri = model or arm_model(ctx, arm)
     heldout_uri = _optional_heldout(ctx)
@@ -438,12 +439,36 @@ def evaluate(ctx: StageContext, arm: str, *, model: str | None = None, base: str
         heldout = stack.enter_context(fs.local_copy(heldout_uri, marker=MANIFEST)) if deltas else None
         extra = {"heldout": {"winner_delta": 0.0, "loser_delta": 0.0, "n_pairs": 0}} if heldout_uri and is_base \
             else None
-        out = ctx.layout.evals(arm)
-        metrics = evaluate_model(local_model, prompts, out, ctx.cfg.eval, base_dir=local_base,
+        work = stack.enter_context(fs.scratch("sdpo-eval-")) / "eval"
+        metrics = evaluate_model(local_model, prompts, work, ctx.cfg.eval, base_dir=local_base,
                                  heldout_shards=heldout, extra_metrics=extra, model_uri=model_uri)
-    with fs.local_copy(out, marker=EVAL_MARKER) as local_eval, _mlflow_run(ctx, f"evaluate-{arm}", variant=arm):
-        log_eval_dir(local_eval)
-    return metrics
+        if not metrics:
+            return {}  # not the main process of a multi-process evaluation: the main one logs and publishes
+        reference = _heldout_reference(metrics, model_uri, base_model, local_base) if heldout_uri else None
+        run_id = _log_evaluation(ctx, arm, work, metrics, reference, model_uri, heldout, heldout_uri)
+        fs.publish_dir(work, ctx.layout.evals(arm), marker=EVAL_MARKER)
+    return {**metrics, "evaluation_run_id": run_id}
+
+
+def _heldout_reference(metrics: dict[str, Any], model_uri: str, base_model: str, local_base: Path | str | None):
+    """The model the held-out deltas are against: the base folder's digest, or the model itself for the base."""
+    from sdpo.tracking.runs import Reference
+
+    if local_base is None:
+        return Reference(digest=metrics["model_digest"], uri=model_uri)
+    return Reference(digest=fs.folder_digest(local_base), uri=base_model)
+
+
+def _log_evaluation(ctx: StageContext, arm: str, work: Path, metrics: dict[str, Any], reference: Any,
+                    model_uri: str, heldout: Path | None, heldout_uri: str | None) -> str:
+    """The ``evaluate-<arm>`` run: the evaluation's records (from the scratch folder) and the held-out dataset."""
+    from sdpo.tracking.runs import log_data_manifest, log_eval_dir
+
+    with _mlflow_run(ctx, f"evaluate-{arm}", variant=arm) as run:
+        log_eval_dir(work, metrics=metrics, reference=reference, model_uri=model_uri)
+        if heldout is not None:
+            log_data_manifest(heldout / MANIFEST, name="heldout", context="evaluation", source=heldout_uri)
+    return run.info.run_id
 
 
 def compare(ctx: StageContext, arm: str, baseline: str = BASE_ARM) -> dict[str, Any]:
@@ -459,47 +484,73 @@ def compare(ctx: StageContext, arm: str, baseline: str = BASE_ARM) -> dict[str, 
     return result
 
 
-def register(ctx: StageContext, arm: str | None = None) -> dict[str, Any]:
-    """Register the arm's model (default: ``registry.candidate``) as a new MLflow model version."""
+def _gate(ctx: StageContext):
+    from sdpo.tracking.gate import GateConfig
+
+    return GateConfig.from_config(ctx.cfg)
+
+
+def _base_digest(ctx: StageContext) -> str:
+    """The base model's digest, computed from the recorded base's folder (the baseline when there is no champion)."""
+    uri = base_uri(ctx)
+    if _is_hub_id(uri):
+        raise ModelError(f"base model {uri}: a hub id has no folder digest; download it and set model.base to the "
+                         "folder, so that its evaluation can be verified")
+    return fs.folder_digest(uri)
+
+
+def register(ctx: StageContext, arm: str | None = None, *, eval_run: str | None = None) -> dict[str, Any]:
+    """Register the arm's model (default: ``registry.candidate``) as a model version, or reuse the version holding it.
+
+    The version is linked to the model's evaluation run (``eval_run``, else the newest ``evaluate`` run of the same
+    model digest) and the gate is run against the champion (or the base) before anything is created: with no
+    evaluation, or nothing comparable, it raises and no version exists. A new version's decision is ``pending``
+    until :func:`promote`. Writes ``reports/registry.json``. Returns ``{"name", "version", "run_id", "arm",
+    "digest", "eval_run_id", "reused", "aliases", "decision"}``.
+    """
     from sdpo.tracking.registry import register as register_model
 
     arm = arm or ctx.cfg.registry.candidate
     reg = ctx.cfg.registry
     with fs.local_copy(ctx.layout.model(arm), marker=MODEL_MARKER) as model, \
-            fs.local_copy(ctx.layout.evals(arm), marker=EVAL_MARKER) as eval_dir, \
             fs.local_copy(ctx.layout.shards("train"), marker=MANIFEST) as shards:
-        version = register_model(model, name=reg.model_name, eval_dir=eval_dir, data_manifest=shards / MANIFEST,
-                                 data_name="train", experiment=reg.experiment, config=ctx.cfg,
-                                 tags={**ctx.tags, "variant": arm, "model.uri": ctx.layout.model(arm)},
-                                 parent_run_id=ctx.parent_run_id, dvc_lock=ctx.project_dir / "dvc.lock")
-    record = {"name": reg.model_name, "version": str(version.version), "run_id": version.run_id, "arm": arm}
+        done = register_model(model, name=reg.model_name, base_digest=_base_digest(ctx), gate=_gate(ctx),
+                              experiment=reg.experiment, eval_run_id=eval_run,
+                              data_manifests={"train": (shards / MANIFEST, ctx.layout.shards("train"))},
+                              config=ctx.cfg, tags={**ctx.tags, "variant": arm, "model.uri": ctx.layout.model(arm)},
+                              parent_run_id=ctx.parent_run_id, dvc_lock=ctx.project_dir / "dvc.lock",
+                              serving={"steps": ctx.cfg.eval.num_inference_steps,
+                                       "guidance_scale": ctx.cfg.eval.guidance_scale})
+    version = done.version
+    record = {"name": reg.model_name, "version": str(version.version), "run_id": version.run_id, "arm": arm,
+              "digest": version.tags.get("model.digest"), "eval_run_id": done.eval_run_id, "reused": done.reused,
+              "aliases": done.aliases, "decision": done.decision.to_dict()}
     fs.write_json(ctx.layout.report("registry.json"), record)
     return record
 
 
-def promote(ctx: StageContext, arm: str | None = None, version: str | None = None, *,
-            dry_run: bool = False) -> dict[str, Any]:
-    """Promote the registered version to ``champion`` if it beats the champion (or the base); else ``challenger``.
+def promote(ctx: StageContext, version: str | None = None, *, dry_run: bool = False) -> dict[str, Any]:
+    """Decide whether a registered version becomes ``champion`` (else ``challenger``), from MLflow records only.
 
-    ``version`` defaults to the one :func:`register` recorded. Returns ``{"name", "version", "decision"}``.
+    ``version`` defaults to the one :func:`register` recorded. The gate reads the version's linked evaluation run
+    and the champion's (or the base's) and checks them (:mod:`sdpo.tracking.gate`). Returns ``{"name", "version",
+    "outcome", "decision", "alias", "champion", "changed"}``; ``outcome`` is ``promoted``, ``refused``,
+    ``already-champion`` or, with ``dry_run``, ``would-promote`` / ``would-refuse``.
     """
     from sdpo.tracking.registry import promote as promote_version
 
     reg = ctx.cfg.registry
-    arm = arm or reg.candidate
     if version is None:
         record = ctx.layout.report("registry.json")
         if not fs.exists(record):
             raise ModelError(f"{record}: nothing registered yet; run `sdpo register` first or pass --version")
-        version = fs.read_json(record)["version"]
-    with fs.local_copy(ctx.layout.evals(arm), marker=EVAL_MARKER) as cand, \
-            fs.local_copy(ctx.layout.evals(BASE_ARM), marker=EVAL_MARKER) as base_eval:
-        decision = promote_version(reg.model_name, version, candidate_eval=cand, baseline_eval=base_eval,
-                                   primary_reward=reg.primary_reward, min_win_rate_lower=reg.min_win_rate_lower,
-                                   guards=dict(reg.guards), bootstrap_samples=ctx.cfg.eval.bootstrap_samples,
-                                   seed=ctx.cfg.eval.seed, dry_run=dry_run)
-    result = {"name": reg.model_name, "version": str(version), "decision": decision.to_dict()}
+        registered = fs.read_json(record)
+        if registered.get("name") != reg.model_name:
+            raise ModelError(f"{record} names model {registered.get('name')!r}, not registry.model_name "
+                             f"{reg.model_name!r}; pass --version")
+        version = str(registered["version"])
+    result = promote_version(reg.model_name, version, base_digest=_base_digest(ctx), gate=_gate(ctx),
+                             experiment=reg.experiment, dry_run=dry_run).to_dict()
     if not dry_run:
         fs.write_json(ctx.layout.report("promotion.json"), result)
     return result
-

@@ -1,194 +1,254 @@
-"""Registry and gated promotion against a real MLflow server, with a tiny random-weight pipeline.
-
-Comparisons use ``mlflow_fixtures.paired_compare``, a stand-in with the shape of
-``sdpo.eval.winrate.compare_eval_dirs``, on crafted evaluation dirs.
+"""The registry against a real MLflow server: serialised promotions, nothing half-registered, one version per model,
+and commands that say what they did. Every case checks that the champion it started from is intact.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import mlflow
 import pandas as pd
 import pytest
+from gate_world import crown, gate_models, make_world, registry_state  # noqa: F401
 from mlflow import MlflowClient
-from mlflow_fixtures import TINY_RESOLUTION, paired_compare, write_eval_dir
 
+from sdpo import stages
 from sdpo.cli import main
 from sdpo.errors import DataError
-from sdpo.tracking import registry
+from sdpo.eval import winrate
+from sdpo.report import summary_text
+from sdpo.tracking import lock, registry, runs
+from sdpo.tracking.gate import EvidenceError
 from sdpo.tracking.pyfunc import decode_image
 
-POLICY = {"primary_reward": "synthetic", "min_win_rate_lower": 0.5, "guards": {"heldout_winner_delta": 0.002}}
-BASE_SCORES = [0.01 * i for i in range(32)]
-HELDOUT_OK = {"winner_delta": -0.001, "loser_delta": 0.001}
+EXPERIMENT = "registry"
 
 
-def _eval(root: Path, name: str, shift: float, heldout: dict | None = HELDOUT_OK) -> Path:
-    """An evaluation dir whose scores are the base scores plus ``shift`` (paired: same prompts and seeds)."""
-    return write_eval_dir(root / name, [s + shift for s in BASE_SCORES], heldout=heldout)
+@pytest.fixture(scope="module")
+def world(gate_models, mlflow_server, tmp_path_factory):  # noqa: F811
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+        yield make_world(tmp_path_factory.mktemp("registry-root"), gate_models, EXPERIMENT,
+                         evaluate=("base", "good", "better", "best", "worse"))
 
 
-def _promote(name: str, version: str, candidate: Path, baseline: Path | None = None, **kwargs) -> registry.Decision:
-    return registry.promote(
-        name, version, candidate_eval=candidate, baseline_eval=baseline, compare_fn=paired_compare,
-        bootstrap_samples=200, **POLICY, **kwargs,
-    )  # fmt: skip
+def _decisions(name: str) -> dict[str, str | None]:
+    return {number: tags.get("promotion.decision") for number, tags in registry_state(name)["versions"].items()}
 
 
-def _aliases(name: str) -> dict[str, str]:
-    return dict(MlflowClient().get_registered_model(name).aliases)
+def test_concurrent_promotions_are_serialised(world, mlflow_tracking: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    name = "registry-concurrent"
+    old = crown(world, name)
+    ctx = world.ctx(name)
+    versions = {arm: stages.register(ctx, arm)["version"] for arm in ("better", "best")}
+    # the first promotion to get the lock waits inside it until the other one has found the lock held
+    contended = threading.Event()
+    monkeypatch.setattr(lock, "on_busy", lambda lock_name, owner: contended.set())
+    decide_and_apply, first = registry._decide_and_apply, []
+
+    def holding(*args, **kwargs):
+        if not first:
+            first.append(args[2])
+            assert contended.wait(timeout=300), "the other promotion never met the lock"
+        return decide_and_apply(*args, **kwargs)
+
+    monkeypatch.setattr(registry, "_decide_and_apply", holding)
+    results: dict[str, dict] = {}
+
+    def promote(arm: str) -> None:
+        try:
+            results[arm] = stages.promote(world.ctx(name), versions[arm])
+        except Exception as err:  # reported below, with the thread's arm
+            results[arm] = {"error": repr(err)}
+
+    threads = [threading.Thread(target=promote, args=(arm,)) for arm in versions]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert contended.is_set()
+    assert all("error" not in result for result in results.values()), results
+    first_arm = next(arm for arm, number in versions.items() if number == first[0])
+    second_arm = next(arm for arm in versions if arm != first_arm)
+    # the first was judged against the old champion, the second against the first's outcome
+    assert results[first_arm]["outcome"] == "promoted"
+    assert results[first_arm]["decision"]["details"]["baseline_version"] == old
+    assert results[second_arm]["decision"]["details"]["baseline_version"] == versions[first_arm]
+    state = registry_state(name)
+    assert state["aliases"]["champion"] == versions["best"]  # best beats both, whichever order
+    assert state["versions"][old]["promotion.superseded_by"] == versions[first_arm]
+    if second_arm == "best":
+        assert results["best"]["outcome"] == "promoted"
+        assert state["aliases"]["previous-champion"] == versions["better"]
+    else:
+        assert results["better"]["outcome"] == "refused"
+        assert state["aliases"] == {"champion": versions["best"], "previous-champion": old,
+                                    "challenger": versions["better"]}
+    assert set(_decisions(name).values()) <= {"promoted", "refused"}
+    assert MlflowClient().search_registered_models(f"name = '{lock.lock_name(name)}'") == []
 
 
-def test_champion_challenger_story(mlflow_tracking: str, tiny_pipeline_dir: Path, tmp_path: Path) -> None:
-    name = "sdpo-story"
-    base = _eval(tmp_path, "base", 0.0, heldout={"winner_delta": 0.0, "loser_delta": 0.0})
-    client = MlflowClient()
+def test_a_failed_comparison_leaves_no_version_without_a_decision(world, mlflow_tracking: str,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    name = "registry-crash"
+    crown(world, name)
+    before = registry_state(name)
+    ctx = world.ctx(name)
+    compare = winrate.compare_scores
 
-    # 1. a candidate that clearly beats the base model becomes the champion
-    v1 = registry.register(tiny_pipeline_dir, name=name, eval_dir=_eval(tmp_path, "v1", 1.0), experiment="sdpo-test")
-    first = _promote(name, v1.version, tmp_path / "v1", base)
-    assert first.promote, first.reason
-    assert _aliases(name) == {"champion": v1.version}
-    tags = client.get_model_version(name, v1.version).tags
-    assert tags["promotion.decision"] == "promoted"
-    assert tags["promotion.baseline_version"] == "base"
-    assert float(tags["promotion.win_rate"]) == 1.0 and float(tags["promotion.ci_low"]) > 0.5
-    assert "promoted" in client.get_model_version(name, v1.version).description
-    record_path = mlflow.artifacts.download_artifacts(run_id=v1.run_id, artifact_path=f"promotion/v{v1.version}.json")
-    assert json.loads(Path(record_path).read_text())["promote"] is True
+    def crashing(*args, **kwargs):
+        raise RuntimeError("comparison crashed")
 
-    # the same call again changes nothing
-    again = _promote(name, v1.version, tmp_path / "v1", base)
-    assert again.promote and "already the champion" in again.reason
-    assert _aliases(name) == {"champion": v1.version}
+    # the comparison fails before registration: no version is created
+    monkeypatch.setattr(winrate, "compare_scores", crashing)
+    with pytest.raises(RuntimeError, match="comparison crashed"):
+        stages.register(ctx, "better")
+    assert registry_state(name) == before
 
-    # 2. a worse candidate (better than the base, worse than the champion) is compared with the champion's
-    #    logged evaluation, not the base one passed in, and becomes the challenger
-    v2 = registry.register(tiny_pipeline_dir, name=name, eval_dir=_eval(tmp_path, "v2", 0.5), experiment="sdpo-test")
-    second = _promote(name, v2.version, tmp_path / "v2", base)
-    assert not second.promote
-    assert second.details["baseline_version"] == v1.version
-    assert "not confidently above 0.5" in second.reason
-    assert _aliases(name) == {"champion": v1.version, "challenger": v2.version}
-    tags = client.get_model_version(name, v2.version).tags
-    assert tags["promotion.decision"] == "refused"
-    assert tags["promotion.reason"] == second.reason
-    assert tags["promotion.baseline_version"] == v1.version
-    assert _promote(name, v2.version, tmp_path / "v2").reason == second.reason  # idempotent refusal
-    assert _aliases(name) == {"champion": v1.version, "challenger": v2.version}
+    # it fails after registration, in promote: the version records the failure, the champion stays
+    monkeypatch.setattr(winrate, "compare_scores", compare)
+    version = stages.register(ctx, "better")["version"]
+    monkeypatch.setattr(winrate, "compare_scores", crashing)
+    with pytest.raises(RuntimeError, match="comparison crashed"):
+        stages.promote(ctx, version)
+    tags = registry_state(name)["versions"][version]
+    assert tags["promotion.decision"] == "error"
+    assert "promotion failed: comparison crashed" in tags["promotion.reason"]
+    assert registry_state(name)["aliases"] == before["aliases"]
+    assert registry_state(name)["versions"][before["aliases"]["champion"]] == \
+        before["versions"][before["aliases"]["champion"]]
 
-    # 3. a better candidate replaces the champion; the old one stays reachable
-    v3 = registry.register(tiny_pipeline_dir, name=name, eval_dir=_eval(tmp_path, "v3", 2.0), experiment="sdpo-test")
-    third = _promote(name, v3.version, tmp_path / "v3")
-    assert third.promote, third.reason
-    assert _aliases(name) == {"champion": v3.version, "previous-champion": v1.version, "challenger": v2.version}
-    assert client.get_model_version_by_alias(name, "previous-champion").tags["promotion.superseded_by"] == v3.version
+    # the re-run reuses the version and decides it
+    monkeypatch.setattr(winrate, "compare_scores", compare)
+    again = stages.register(ctx, "better")
+    assert again["reused"] and again["version"] == version
+    assert stages.promote(ctx, version)["outcome"] == "promoted"
+    assert set(_decisions(name).values()) == {"promoted"}
 
 
-def test_refusals_without_evidence(mlflow_tracking: str, tiny_pipeline_dir: Path, tmp_path: Path) -> None:
-    name = "sdpo-refusals"
-    client = MlflowClient()
-    base = _eval(tmp_path, "base", 0.0, heldout={"winner_delta": 0.0, "loser_delta": 0.0})
-    good = _eval(tmp_path, "good", 1.0)
-    v1 = registry.register(tiny_pipeline_dir, name=name, experiment="sdpo-test")  # no evaluation logged
-
-    decision = _promote(name, v1.version, good)
-    assert not decision.promote and "no champion yet and no baseline evaluation" in decision.reason
-    assert _aliases(name) == {"challenger": v1.version}
-
-    no_heldout = _promote(name, v1.version, _eval(tmp_path, "no-heldout", 1.0, heldout=None), base)
-    assert not no_heldout.promote
-    assert "heldout_winner_delta: missing or not a number in the candidate" in no_heldout.reason
-
-    regressed = _promote(name, v1.version, _eval(tmp_path, "regressed", 1.0, heldout={"winner_delta": 0.01}), base)
-    assert not regressed.promote and "guard heldout_winner_delta regressed by 0.01" in regressed.reason
-    assert client.get_model_version(name, v1.version).tags["promotion.reason"] == regressed.reason
-
-    dry = _promote(name, v1.version, good, base, dry_run=True)
-    assert dry.promote
-    assert _aliases(name) == {"challenger": v1.version}
-    assert client.get_model_version(name, v1.version).tags["promotion.decision"] == "refused"
-
-    with pytest.raises(DataError, match="nowhere: not an evaluation dir"):
-        _promote(name, v1.version, tmp_path / "nowhere", base)
-    with pytest.raises(DataError, match="nowhere: not an evaluation dir"):
-        _promote(name, v1.version, good, tmp_path / "nowhere")
-
-    # a champion without a logged evaluation cannot be beaten: no comparison, no promotion
-    assert _promote(name, v1.version, good, base).promote
-    v2 = mlflow.register_model(v1.source, name)  # same model and run: still no evaluation
-    blocked = _promote(name, v2.version, good, base)
-    assert not blocked.promote and f"champion version {v1.version} has no logged evaluation" in blocked.reason
-    assert _aliases(name) == {"champion": v1.version, "challenger": v2.version}
+def test_no_comparable_champion_evaluation_registers_nothing(world, mlflow_tracking: str) -> None:
+    name = "registry-seeds"
+    champion = crown(world, name)  # evaluated with 2 seeds per prompt
+    before = registry_state(name)
+    ctx = world.ctx(name, "eval.seeds_per_prompt=1")
+    arm = world.variant("better-1seed", "better")
+    stages.evaluate(ctx, arm)
+    with pytest.raises(EvidenceError, match=f"no finished evaluation run of champion version {champion}"):
+        stages.register(ctx, arm)
+    assert registry_state(name) == before
 
 
-def test_cli_register_promote_and_serve_the_champion(
-    mlflow_tracking: str,
-    tiny_pipeline_dir: Path,
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(registry, "_default_compare", lambda: paired_compare)  # until sdpo.eval.winrate exists
-    (tmp_path / "params.yaml").write_text("registry:\n  experiment: sdpo-test-cli\n  model_name: sdpo-cli\n")
-    (tmp_path / "dvc.lock").write_text(
-        "schema: '2.0'\nstages:\n  train:\n    cmd: sdpo train\n    deps:\n"
-        "    - path: data/shards\n      md5: 0123456789abcdef0123456789abcdef.dir\n"
-    )
-    shards = tmp_path / "shards"
-    shards.mkdir()
-    (shards / "manifest.json").write_text(json.dumps({"shards": [{"name": "pairs-000000.tar", "pairs": 4}]}))
-    base = _eval(tmp_path, "base", 0.0, heldout={"winner_delta": 0.0, "loser_delta": 0.0})
-    good = _eval(tmp_path, "good", 1.0)
+def test_a_repeated_run_reuses_the_version_and_the_summary_names_its_alias(world, mlflow_tracking: str) -> None:
+    name = "registry-rerun"
+    ctx = world.ctx(name)
 
-    register_args = ["register", "--model", str(tiny_pipeline_dir), "--eval", str(good)]
-    register_args += ["--data-manifest", str(shards / "manifest.json"), "--tag", "variant=dpo-sdpo"]
-    assert main([*register_args, "--output", "registered.json"]) == 0
-    assert "registered sdpo-cli version 1 (run " in capsys.readouterr().out
-    record = json.loads((tmp_path / "registered.json").read_text())
-    client = MlflowClient()
-    version = client.get_model_version("sdpo-cli", record["version"])
-    assert version.tags["model.digest"] == registry.model_dir_digest(tiny_pipeline_dir)
-    assert version.tags["source.run_id"] == record["run_id"] == version.run_id
-    assert float(version.tags["eval.reward.synthetic.mean"]) == pytest.approx(1.155)
-    assert version.tags["variant"] == "dpo-sdpo"
-    assert "sha256:" in version.description and "reward.synthetic.mean=1.155" in version.description
-    run = client.get_run(version.run_id)
-    assert client.get_experiment(run.info.experiment_id).name == "sdpo-test-cli"
-    assert run.data.params["registry.model_name"] == "sdpo-cli"
-    assert run.data.tags["lineage.data/shards"] == "0123456789abcdef0123456789abcdef.dir"
-    assert run.data.tags["model.digest"] == version.tags["model.digest"]
-    assert "data.manifest_digest" in run.data.tags
+    def run_once(arm: str) -> dict:
+        return {**stages.register(ctx, arm), **stages.promote(ctx)}
 
-    promote_args = ["promote", "--version", "1", "--candidate-eval", str(good), "--baseline-eval", str(base)]
-    assert main([*promote_args, "--dry-run"]) == 0
-    assert "would be promoted (dry run" in capsys.readouterr().out
-    assert _aliases("sdpo-cli") == {}
-    assert main([*promote_args, "--output", "decision.json"]) == 0
-    assert "sdpo-cli version 1: promoted to champion" in capsys.readouterr().out
-    assert json.loads((tmp_path / "decision.json").read_text())["promote"] is True
-    assert main(["promote", "--version", "7", "--candidate-eval", str(good)]) == 2
-    assert "registered model 'sdpo-cli' has no version 7" in capsys.readouterr().err
+    def load_line(registration: dict) -> str:
+        text = summary_text(ctx.layout, [arm], {}, {}, registration, "http://mlflow")
+        return next(line for line in text.splitlines() if line.startswith("load it:"))
 
-    model = mlflow.pyfunc.load_model("models:/sdpo-cli@champion")
+    arm = "good"
+    first = run_once(arm)
+    assert not first["reused"] and first["outcome"] == "promoted"
+    state = registry_state(name)
+    again = run_once(arm)  # the same model again, e.g. after Ctrl-C
+    assert again["reused"] and again["version"] == first["version"] and again["aliases"] == ["champion"]
+    assert again["outcome"] == "already-champion" and again["changed"] == []
+    assert registry_state(name) == state
+    assert load_line(again) == f"load it: mlflow.pyfunc.load_model('models:/{name}@champion')"
+
+    arm = "worse"
+    refused = run_once(arm)
+    assert refused["outcome"] == "refused" and refused["alias"] == "challenger"
+    again = run_once(arm)
+    assert again["reused"] and again["version"] == refused["version"]
+    assert again["outcome"] == "refused" and again["alias"] == "challenger"
+    assert load_line(again) == f"load it: mlflow.pyfunc.load_model('models:/{name}@challenger')"
+    assert _decisions(name) == {first["version"]: "promoted", refused["version"]: "refused"}
+    assert registry_state(name)["aliases"] == {"champion": first["version"], "challenger": refused["version"]}
+
+    # a run interrupted between register and promote leaves a pending version that the next run decides
+    arm = "better"
+    pending = stages.register(ctx, arm)
+    tags = registry_state(name)["versions"][pending["version"]]
+    assert tags["promotion.decision"] == "pending" and "no promotion decision yet" in tags["promotion.reason"]
+    resumed = run_once(arm)
+    assert resumed["reused"] and resumed["version"] == pending["version"] and resumed["outcome"] == "promoted"
+    assert len(registry_state(name)["versions"]) == 3
+
+
+def _params(world, tmp_path: Path, name: str) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(json.dumps({
+        "data": {"root": str(world.root)},
+        "model": {"base": str(world.models["base"])},
+        "eval": {"seeds_per_prompt": 2, "num_inference_steps": 2, "batch_size": 8, "bootstrap_samples": 100,
+                 "heldout_pairs": 8},
+        "registry": {"experiment": EXPERIMENT, "model_name": name},
+    }))
+    return path
+
+
+def test_cli_says_what_it_did_and_serves_the_champion(world, mlflow_tracking: str, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    name = "registry-cli"
+    config = str(_params(world, tmp_path, name))
+    assert main(["register", "--config", config, "--arm", "good"]) == 0
+    assert f"registered {name} version 1 (run " in capsys.readouterr().out
+    assert main(["promote", "--config", config]) == 0
+    assert f"{name} version 1: promoted to champion (" in capsys.readouterr().out
+    assert main(["register", "--config", config, "--arm", "better"]) == 0
+    assert "decision pending" in capsys.readouterr().out
+
+    before = registry_state(name)
+    assert main(["promote", "--config", config, "--version", "1"]) == 0
+    out = capsys.readouterr().out
+    assert f"{name} version 1: version 1 is already the champion (" in out and "nothing changed" in out
+    assert registry_state(name) == before
+    assert main(["promote", "--config", config, "--version", "2", "--dry-run"]) == 0
+    assert "version 2: would be promoted (dry run, nothing changed)" in capsys.readouterr().out
+    assert registry_state(name) == before
+
+    assert main(["promote", "--config", config, "--version", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "version 2: promoted to champion (" in out
+    assert "alias previous-champion -> version 1; alias champion -> version 2" in out
+    assert registry_state(name)["aliases"] == {"champion": "2", "previous-champion": "1"}
+    assert json.loads((world.root / "reports/promotion.json").read_text())["outcome"] == "promoted"
+
+    assert main(["register", "--config", config, "--arm", "good"]) == 0
+    out = capsys.readouterr().out
+    assert f"{name} version 1 already holds this model" in out and "reused it, nothing registered" in out
+    assert "recorded decision: promoted (previous-champion)" in out
+    assert main(["promote", "--config", config, "--version", "7"]) == 2
+    assert f"registered model '{name}' has no version 7" in capsys.readouterr().err
+    assert main(["register", "--config", config, "--arm", "missing"]) == 2
+    assert "no model_index.json" in capsys.readouterr().err
+
+    model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
     request = pd.DataFrame({"prompt": ["a red square", "a blue circle", "a red square"], "seed": [3, 4, 3]})
     output = model.predict(request, params={"num_inference_steps": 2})
-    assert list(output.columns) == ["prompt", "seed", "image"]
     assert output["seed"].tolist() == [3, 4, 3]
     images = [decode_image(encoded) for encoded in output["image"]]
-    assert all(image.format == "PNG" and image.size == (TINY_RESOLUTION, TINY_RESOLUTION) for image in images)
-    assert output["image"][0] == output["image"][2]  # same prompt and seed, same image
-    assert output["image"][0] != output["image"][1]
-    unseeded = model.predict(pd.DataFrame({"prompt": ["a", "b"]}), params={"num_inference_steps": 1})
-    assert unseeded["seed"].tolist() == [0, 1]
+    assert all(image.format == "PNG" and image.size == (16, 16) for image in images)
+    assert output["image"][0] == output["image"][2] and output["image"][0] != output["image"][1]
 
 
-def test_register_rejects_a_folder_that_is_not_a_pipeline(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "params.yaml").write_text("registry:\n  model_name: sdpo-cli-bad\n")
-    assert main(["register", "--model", str(tmp_path)]) == 2
-    assert f"{tmp_path}: not a diffusers pipeline folder (model_index.json missing)" in capsys.readouterr().err
+def test_one_dataset_name_per_split(world, mlflow_tracking: str, tmp_path: Path) -> None:
+    name = "registry-datasets"
+    crown(world, name)
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(EXPERIMENT).experiment_id
+    digests: dict[str, set[str]] = {}
+    for run in client.search_runs([experiment], max_results=500):
+        for dataset_input in run.inputs.dataset_inputs:
+            digests.setdefault(dataset_input.dataset.name, set()).add(dataset_input.dataset.digest)
+    assert set(digests) == {"train", "heldout"}
+    assert all(len(found) == 1 for found in digests.values()), digests
+    (tmp_path / "manifest.json").write_text(json.dumps({"shards": []}))
+    with runs.start_run(EXPERIMENT, "bad-name"), pytest.raises(DataError, match="use the split's name"):
+        runs.log_data_manifest(tmp_path / "manifest.json", name="shards")

@@ -10,7 +10,6 @@ from pathlib import Path
 import mlflow
 import pytest
 from mlflow import MlflowClient
-from mlflow_fixtures import write_eval_dir
 
 from sdpo.config import load_config
 from sdpo.errors import DataError
@@ -64,7 +63,7 @@ def test_log_config_flattens_and_truncates(mlflow_tracking: str) -> None:
 
 
 def test_log_data_manifest_records_a_dataset_with_its_digest(mlflow_tracking: str, tmp_path: Path) -> None:
-    shards_dir = tmp_path / "pairs"
+    shards_dir = tmp_path / "train"
     shards_dir.mkdir()
     manifest = {
         "schema_version": 1,
@@ -78,23 +77,25 @@ def test_log_data_manifest_records_a_dataset_with_its_digest(mlflow_tracking: st
     path.write_text(json.dumps(manifest))
     expected = hashlib.sha256(path.read_bytes()).hexdigest()
     with runs.start_run("sdpo-test-data", "data") as run:
-        assert runs.log_data_manifest(path, name="pairs") == expected
+        assert runs.log_data_manifest(path, name="train", source="s3://bucket/run/shards/train") == expected
     logged = MlflowClient().get_run(run.info.run_id)
     assert logged.data.tags["data.manifest_digest"] == expected
     (dataset_input,) = logged.inputs.dataset_inputs
-    assert dataset_input.dataset.name == "pairs"
+    assert dataset_input.dataset.name == "train"
+    assert json.loads(dataset_input.dataset.source)["uri"] == "s3://bucket/run/shards/train"
     assert dataset_input.dataset.digest == expected[: runs.MAX_DATASET_DIGEST_CHARS]
     assert json.loads(dataset_input.dataset.profile)["num_rows"] == 2
     assert [tag.value for tag in dataset_input.tags if tag.key == "mlflow.data.context"] == ["training"]
-    artifacts = [a.path for a in MlflowClient().list_artifacts(run.info.run_id, "data/pairs")]
-    assert artifacts == ["data/pairs/manifest.json"]
+    assert logged.data.tags["data.train.manifest_digest"] == expected
+    artifacts = [a.path for a in MlflowClient().list_artifacts(run.info.run_id, "data/train")]
+    assert artifacts == ["data/train/manifest.json"]
 
 
 def test_log_data_manifest_rejects_a_file_without_shards(mlflow_tracking: str, tmp_path: Path) -> None:
     path = tmp_path / "manifest.json"
     path.write_text(json.dumps({"schema_version": 1}))
     with runs.start_run("sdpo-test-data", "bad"), pytest.raises(DataError, match="manifest.json: .*'shards'"):
-        runs.log_data_manifest(path, name="pairs")
+        runs.log_data_manifest(path, name="train")
 
 
 def test_log_lineage_tags_dvc_lock_inputs(mlflow_tracking: str, tmp_path: Path) -> None:
@@ -125,19 +126,60 @@ def test_log_lineage_tags_dvc_lock_inputs(mlflow_tracking: str, tmp_path: Path) 
     assert {k: v for k, v in logged.items() if k.startswith("lineage.")} == tags
 
 
-def test_log_eval_dir_logs_metrics_and_small_files(mlflow_tracking: str, tmp_path: Path) -> None:
-    eval_dir = write_eval_dir(tmp_path / "eval", [0.5] * 16, heldout={"winner_delta": -0.002, "loser_delta": 0.001})
+@pytest.fixture(scope="module")
+def eval_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """A real evaluation folder of a tiny pipeline (3 prompts x 2 seeds, 2 steps) and the metrics it returned."""
+    from sdpo.config import EvalConfig
+    from sdpo.eval.generate import evaluate
+    from sdpo.models.tiny import build_tiny_pipeline
+
+    root = tmp_path_factory.mktemp("log-eval")
+    model = build_tiny_pipeline("sd15", str(root / "model"), resolution=16)
+    cfg = EvalConfig(seeds_per_prompt=2, num_inference_steps=2, batch_size=6, bootstrap_samples=20)
+    metrics = evaluate(model, ["a red square", "a blue circle", "a green triangle"], root / "eval", cfg,
+                       extra_metrics={"heldout": {"winner_delta": -0.002, "loser_delta": 0.001, "n_pairs": 4}})
+    return root / "eval", metrics
+
+
+def test_log_eval_dir_logs_the_records_promotion_reads(mlflow_tracking: str, eval_dir: tuple[Path, dict]) -> None:
+    folder, metrics = eval_dir
+    reference = runs.Reference(digest="sha256:" + "1" * 64, uri="s3://bucket/base")
     with runs.start_run("sdpo-test-eval", "eval") as run:
-        flat = runs.log_eval_dir(eval_dir)
+        flat = runs.log_eval_dir(folder, metrics=metrics, reference=reference, model_uri="s3://bucket/model")
     client = MlflowClient()
     logged = client.get_run(run.info.run_id).data
     assert logged.metrics == flat
-    assert logged.metrics["reward.synthetic.mean"] == pytest.approx(0.5)
-    assert logged.metrics["reward.synthetic.n"] == 16
+    assert logged.metrics["reward.synthetic.mean"] == pytest.approx(metrics["rewards"]["synthetic"]["mean"])
     assert logged.metrics["heldout.winner_delta"] == pytest.approx(-0.002)
-    assert logged.tags["eval.model_digest"] == "sha256:" + "0" * 64
+    assert logged.tags[runs.STAGE_TAG] == "evaluate"
+    assert logged.tags[runs.TAG_MODEL_DIGEST] == metrics["model_digest"]
+    assert logged.tags[runs.TAG_MODEL_URI] == "s3://bucket/model"
+    assert logged.tags[runs.TAG_REFERENCE_DIGEST] == reference.digest
+    assert logged.tags[runs.TAG_REFERENCE_URI] == reference.uri
+    assert logged.tags[runs.TAG_SCORES_SHA256] == hashlib.sha256((folder / "scores.jsonl").read_bytes()).hexdigest()
+    assert logged.tags[runs.TAG_N_IMAGES] == "6"
+    assert logged.params["eval.num_inference_steps"] == "2" and logged.params["eval.prompts"] == "3"
     names = sorted(a.path for a in client.list_artifacts(run.info.run_id, "eval"))
-    assert names == ["eval/grid.png", "eval/manifest.json", "eval/metrics.json", "eval/scores.jsonl"]
+    assert names == ["eval/grid.png", "eval/images", "eval/manifest.json", "eval/metrics.json", "eval/scores.jsonl",
+                     "eval/scores_table.json"]
+    images = sorted(a.path for a in client.list_artifacts(run.info.run_id, "eval/images"))
+    assert images == sorted(f"eval/{p.relative_to(folder).as_posix()}" for p in (folder / "images").iterdir())
+
+
+def test_log_eval_dir_refuses_a_folder_that_differs_from_the_evaluation(mlflow_tracking: str,
+                                                                         eval_dir: tuple[Path, dict],
+                                                                         tmp_path: Path) -> None:
+    import shutil
+
+    folder, metrics = eval_dir
+    edited = shutil.copytree(folder, tmp_path / "eval")
+    changed = json.loads((edited / "metrics.json").read_text())
+    changed["heldout"]["winner_delta"] = 0.0
+    (edited / "metrics.json").write_text(json.dumps(changed))
+    with runs.start_run("sdpo-test-eval", "edited") as run, \
+            pytest.raises(DataError, match="differs from the metrics the evaluation computed"):
+        runs.log_eval_dir(edited, metrics=metrics)
+    assert MlflowClient().get_run(run.info.run_id).data.metrics == {}  # nothing was logged
 
 
 def test_log_metrics_history_logs_steps_and_skips_non_finite(mlflow_tracking: str, tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ its 95% interval is a percentile bootstrap that resamples units.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -162,47 +163,85 @@ def check_comparable(candidate: dict[str, Any], baseline: dict[str, Any], names:
         raise DataError(f"cannot compare {names[0]} with {names[1]}; they differ in " + "; ".join(problems))
 
 
-def compare_eval_dirs(
-    candidate_dir: str | Path, baseline_dir: str | Path, *, bootstrap_samples: int = 1000, seed: int = 0
-) -> dict[str, Any]:
-    """Paired win rates of the candidate's images over the baseline's, for every reward both folders scored.
+def units_key(manifest: dict[str, Any]) -> str:
+    """``sha256:<hex>`` of what makes two evaluations comparable: prompts, seeds and the compared settings.
 
-    Refuses (:class:`DataError`) folders whose prompts, seeds or generation settings differ. The result is what the
-    registry's promotion policy reads: ``candidate``, ``baseline``, ``n``, ``rewards`` (per reward the fields of
-    :func:`paired_win_rate` plus ``per_prompt``), ``metrics_candidate`` and ``metrics_baseline``.
+    Two evaluations with the same key sampled the same (prompt, seed) units the same way; the evaluation stage
+    tags its MLflow run with it so that the registry finds a comparable evaluation of another model.
     """
-    c_manifest, c_rows, c_metrics = read_eval_dir(candidate_dir)
-    b_manifest, b_rows, b_metrics = read_eval_dir(baseline_dir)
-    check_comparable(c_manifest, b_manifest, (str(candidate_dir), str(baseline_dir)))
+    settings = manifest.get("settings") or {}
+    spec = {"prompts": manifest.get("prompts"), "seeds": manifest.get("seeds"),
+            "settings": {key: settings.get(key) for key in COMPARED_SETTINGS}}
+    return "sha256:" + hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
+def reward_means(rows: dict[tuple[int, int], dict[str, Any]], rewards: list[str]) -> dict[str, float]:
+    """Mean score of every reward over the rows (the value ``metrics.json`` reports, re-derived from the scores)."""
+    means = {}
+    for name in rewards:
+        try:
+            values = np.array([row["scores"][name] for row in rows.values()], dtype=np.float64)
+        except (KeyError, TypeError, ValueError) as err:
+            raise DataError(f"score rows: reward {name!r}: {err}") from err
+        means[name] = float(values.mean()) if values.size else float("nan")
+    return means
+
+
+def compare_scores(
+    candidate: tuple[dict[str, Any], dict[tuple[int, int], dict[str, Any]]],
+    baseline: tuple[dict[str, Any], dict[tuple[int, int], dict[str, Any]]],
+    names: tuple[str, str],
+    *,
+    bootstrap_samples: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Paired win rates from two (manifest, score rows) pairs, for every reward both scored.
+
+    Refuses (:class:`DataError`) evaluations whose prompts, seeds or generation settings differ. Returns
+    ``candidate``, ``baseline`` (the two ``names``), ``n`` and ``rewards`` (per reward the fields of
+    :func:`paired_win_rate` plus ``per_prompt``).
+    """
+    (c_manifest, c_rows), (b_manifest, b_rows) = candidate, baseline
+    check_comparable(c_manifest, b_manifest, names)
     if set(c_rows) != set(b_rows):
         missing = sorted(set(c_rows) ^ set(b_rows))[:3]
         raise DataError(
-            f"cannot compare {candidate_dir} with {baseline_dir}: scores.jsonl rows differ, "
-            f"e.g. (prompt_index, seed) {missing}"
+            f"cannot compare {names[0]} with {names[1]}: score rows differ, e.g. (prompt_index, seed) {missing}"
         )
     rewards = [name for name in c_manifest.get("rewards", []) if name in b_manifest.get("rewards", [])]
     if not rewards:
         raise DataError(
-            f"cannot compare {candidate_dir} with {baseline_dir}: no reward scored in both "
+            f"cannot compare {names[0]} with {names[1]}: no reward scored in both "
             f"({c_manifest.get('rewards')} vs {b_manifest.get('rewards')})"
         )
     units = sorted(c_rows)
     prompt_indices = np.array([index for index, _ in units])
-    result: dict[str, Any] = {
-        "candidate": str(candidate_dir),
-        "baseline": str(baseline_dir),
-        "n": len(units),
-        "rewards": {},
-        "metrics_candidate": c_metrics,
-        "metrics_baseline": b_metrics,
-    }
+    result: dict[str, Any] = {"candidate": names[0], "baseline": names[1], "n": len(units), "rewards": {}}
     for name in rewards:
         try:
             c = np.array([c_rows[u]["scores"][name] for u in units], dtype=np.float64)
             b = np.array([b_rows[u]["scores"][name] for u in units], dtype=np.float64)
             summary: dict[str, Any] = paired_win_rate(c, b, bootstrap_samples=bootstrap_samples, seed=seed)
         except (KeyError, TypeError, ValueError) as err:
-            raise DataError(f"scores.jsonl of {candidate_dir} or {baseline_dir}: reward {name!r}: {err}") from err
+            raise DataError(f"scores of {names[0]} or {names[1]}: reward {name!r}: {err}") from err
         summary["per_prompt"] = per_prompt_win_rates(c, b, prompt_indices, c_manifest["prompts"])
         result["rewards"][name] = summary
+    return result
+
+
+def compare_eval_dirs(
+    candidate_dir: str | Path, baseline_dir: str | Path, *, bootstrap_samples: int = 1000, seed: int = 0
+) -> dict[str, Any]:
+    """Paired win rates of the candidate's images over the baseline's, for every reward both folders scored.
+
+    Refuses (:class:`DataError`) folders whose prompts, seeds or generation settings differ. The result is
+    :func:`compare_scores`' plus ``metrics_candidate`` and ``metrics_baseline`` (the folders' ``metrics.json``).
+    This reads files a person can edit: it is a report; the registry's gate decides from MLflow records
+    (:mod:`sdpo.tracking.gate`).
+    """
+    c_manifest, c_rows, c_metrics = read_eval_dir(candidate_dir)
+    b_manifest, b_rows, b_metrics = read_eval_dir(baseline_dir)
+    result = compare_scores((c_manifest, c_rows), (b_manifest, b_rows), (str(candidate_dir), str(baseline_dir)),
+                            bootstrap_samples=bootstrap_samples, seed=seed)
+    result.update(metrics_candidate=c_metrics, metrics_baseline=b_metrics)
     return result

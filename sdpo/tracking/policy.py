@@ -1,8 +1,9 @@
 """The promotion rule, as a pure function of a comparison (``sdpo.eval.winrate.compare_eval_dirs`` output).
 
-Promote only when the primary reward's paired win rate is confidently above the threshold (its bootstrap
-``ci_low`` strictly greater) and no guard metric regresses beyond its tolerance. Anything missing or not a
-number refuses: the registry never promotes on incomplete evidence.
+Promote only when the evidence checked out (``problems`` empty: see :mod:`sdpo.tracking.gate`), the primary
+reward's paired win rate is confidently above the threshold (its bootstrap ``ci_low`` strictly greater) and no
+guard metric regresses beyond its tolerance. Anything missing or not a number refuses: the registry never promotes
+on incomplete evidence.
 
 Guard names are flat keys over an evaluation ``metrics.json``:
 
@@ -83,13 +84,18 @@ def decide(
     primary_reward: str,
     min_win_rate_lower: float,
     guards: dict[str, float],
+    problems: list[str] | tuple[str, ...] = (),
 ) -> Decision:
-    """Apply the promotion rule to a comparison of candidate vs baseline evaluations (pure; no I/O)."""
-    details: dict[str, Any] = {"primary_reward": primary_reward, "min_win_rate_lower": min_win_rate_lower}
+    """Apply the promotion rule to a comparison of candidate vs baseline evaluations (pure; no I/O).
+
+    ``problems`` are what the evidence checks found wrong; each one refuses and is reported first.
+    """
+    details: dict[str, Any] = {"primary_reward": primary_reward, "min_win_rate_lower": min_win_rate_lower,
+                               "problems": list(problems)}
     if not compare:
-        return Decision(False, "empty comparison: nothing to decide on", details)
+        return Decision(False, "; ".join([*problems, "empty comparison: nothing to decide on"]), details)
     details.update(candidate=compare.get("candidate"), baseline=compare.get("baseline"), n=compare.get("n"))
-    reasons: list[str] = []
+    reasons: list[str] = [f"evidence: {problem}" for problem in problems]
 
     rewards = compare.get("rewards")
     primary = rewards.get(primary_reward) if isinstance(rewards, dict) else None

@@ -11,6 +11,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,19 @@ from sdpo.errors import DataError
 MAX_PARAM_VALUE_CHARS = 6000  # MLflow's limit for one param value
 MAX_DATASET_DIGEST_CHARS = 36  # width of the datasets.digest column in MLflow's SQL schema
 EVAL_ARTIFACT_DIR = "eval"
-EVAL_MAX_FILE_BYTES = 20 * 1024 * 1024  # eval files above this stay out of the artifacts (images/ never goes)
+SPLITS = ("train", "heldout")  # the dataset names: one per split (sdpo.layout.SPLITS)
+# The records an evaluation run carries (tags); the registry's gate reads them (sdpo.tracking.gate).
+STAGE_TAG = "sdpo.stage"
+EVAL_STAGE = "evaluate"
+TAG_MODEL_DIGEST = "eval.model_digest"
+TAG_MODEL_URI = "eval.model_uri"
+TAG_REFERENCE_DIGEST = "eval.reference_digest"
+TAG_REFERENCE_URI = "eval.reference_uri"
+TAG_UNITS_KEY = "eval.units_key"
+TAG_SCORES_SHA256 = "eval.scores_sha256"
+TAG_N_IMAGES = "eval.n_images"
+TAG_REWARDS = "eval.rewards"
+SCORES_TABLE = f"{EVAL_ARTIFACT_DIR}/scores_table.json"
 _UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9_\-. /]")
 
 
@@ -133,12 +146,18 @@ def _read_json(path: Path, what: str) -> Any:
         raise DataError(f"{path}: {what} is not valid JSON ({err})") from None
 
 
-def log_data_manifest(manifest_path: str | Path, name: str, context: str = "training") -> str:
+def log_data_manifest(manifest_path: str | Path, name: str, context: str = "training",
+                      source: str | None = None) -> str:
     """Record a shard manifest as an MLflow dataset input (its shard table, digest = sha256 of the manifest).
 
-    Also tags the run ``data.manifest_digest`` (full sha256) and logs the manifest under ``data/<name>/``.
+    ``name`` is the split (``train`` or ``heldout``): one dataset name per split, whichever stage logs it.
+    ``source`` is where the shards live (default: the manifest's folder; pass the run layout's URI when the
+    manifest is a local copy). Also tags the run ``data.manifest_digest`` (full sha256, for ``context ==
+    "training"``; ``data.<name>.manifest_digest`` always) and logs the manifest under ``data/<name>/``.
     Returns the full digest.
     """
+    if name not in SPLITS:
+        raise DataError(f"dataset name {name!r}: use the split's name, one of {SPLITS}")
     manifest_path = Path(manifest_path)
     manifest = _read_json(manifest_path, "data manifest")
     shards = manifest.get("shards") if isinstance(manifest, dict) else None
@@ -153,12 +172,14 @@ def log_data_manifest(manifest_path: str | Path, name: str, context: str = "trai
         warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer column")
         dataset = mlflow.data.from_pandas(
             pd.DataFrame(shards),
-            source=str(manifest_path.parent.resolve()),
+            source=source or str(manifest_path.parent.resolve()),
             name=name,
             digest=digest[:MAX_DATASET_DIGEST_CHARS],
         )
     mlflow.log_input(dataset, context=context)
-    mlflow.set_tag("data.manifest_digest", digest)
+    mlflow.set_tag(f"data.{name}.manifest_digest", digest)
+    if context == "training":
+        mlflow.set_tag("data.manifest_digest", digest)
     mlflow.log_artifact(str(manifest_path), artifact_path=f"data/{name}")
     return digest
 
@@ -196,22 +217,82 @@ def eval_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def log_eval_dir(eval_dir: str | Path) -> dict[str, float]:
-    """Log an evaluation dir: its metrics (flattened) and its top-level files (grid.png included) under ``eval/``.
+def sha256_hex(data: bytes) -> str:
+    """Hex sha256 of ``data``."""
+    return hashlib.sha256(data).hexdigest()
 
-    ``images/`` is not uploaded; the top-level files are what a later comparison against this run needs.
+
+@dataclass(frozen=True)
+class Reference:
+    """The model an evaluation's held-out error deltas were measured against."""
+
+    digest: str  # sdpo.fs.folder_digest of the reference's folder
+    uri: str
+
+
+def _score_table(rows: list[dict[str, Any]], rewards: list[str]) -> dict[str, list[Any]]:
+    table: dict[str, list[Any]] = {"prompt_index": [], "seed": [], "prompt": [], "image": []}
+    table.update({f"score.{name}": [] for name in rewards})
+    for row in rows:
+        for key in ("prompt_index", "seed", "prompt"):
+            table[key].append(row[key])
+        table["image"].append(f"{EVAL_ARTIFACT_DIR}/{row['image']}")
+        for name in rewards:
+            table[f"score.{name}"].append(row["scores"].get(name))
+    return table
+
+
+def log_eval_dir(eval_dir: str | Path, *, metrics: dict[str, Any] | None = None,
+                 reference: Reference | None = None, model_uri: str | None = None) -> dict[str, float]:
+    """Log a finished evaluation folder into the active run as the records promotion decides from.
+
+    - metrics: ``metrics.json`` flattened (``reward.<name>.mean``, ``heldout.winner_delta``...), each logged once;
+    - artifacts under ``eval/``: ``images/`` (every image), ``scores.jsonl`` (per-image scores), ``manifest.json``,
+      ``metrics.json``, ``grid.png``, and ``scores_table.json`` (the per-image scores as an MLflow table);
+    - tags: ``sdpo.stage=evaluate``, the evaluated model's digest and URI, the held-out reference's digest and URI
+      (``reference``), the units key (prompts, seeds, settings), the sha256 of ``scores.jsonl``, the image count
+      and the rewards.
+
+    ``metrics`` are the values the evaluation computed in memory: a folder whose ``metrics.json`` differs from them
+    was changed and is refused. Returns the logged metrics.
     """
+    from sdpo.eval.winrate import read_eval_dir, units_key
+
     eval_dir = Path(eval_dir)
-    metrics = _read_json(eval_dir / "metrics.json", "evaluation metrics")
-    if not isinstance(metrics, dict):
+    manifest, rows_by_unit, on_disk = read_eval_dir(eval_dir)
+    if not isinstance(on_disk, dict):
         raise DataError(f"{eval_dir / 'metrics.json'}: expected a JSON object")
-    flat = eval_metrics(metrics)
+    if metrics is not None and json.loads(json.dumps(metrics)) != on_disk:
+        raise DataError(f"{eval_dir / 'metrics.json'}: differs from the metrics the evaluation computed")
+    digest = manifest.get("model_digest")
+    if not isinstance(digest, str) or on_disk.get("model_digest") != digest:
+        raise DataError(f"{eval_dir}: manifest.json and metrics.json do not name the same model_digest")
+    rows = [rows_by_unit[unit] for unit in sorted(rows_by_unit)]
+    for row in rows:
+        image = eval_dir / str(row.get("image", ""))
+        if not str(row.get("image", "")).startswith("images/") or not image.is_file():
+            raise DataError(f"{eval_dir / 'scores.jsonl'}: row {row.get('image')!r} names no image under images/")
+    rewards = [str(name) for name in manifest.get("rewards", [])]
+    flat = eval_metrics(on_disk)
     mlflow.log_metrics(flat)
-    if isinstance(metrics.get("model_digest"), str):
-        mlflow.set_tag("eval.model_digest", metrics["model_digest"])
-    for path in sorted(eval_dir.iterdir()):
-        if path.is_file() and path.stat().st_size <= EVAL_MAX_FILE_BYTES:
-            mlflow.log_artifact(str(path), artifact_path=EVAL_ARTIFACT_DIR)
+    tags = {
+        STAGE_TAG: EVAL_STAGE,
+        TAG_MODEL_DIGEST: digest,
+        TAG_MODEL_URI: model_uri or str(manifest.get("model", "")),
+        TAG_UNITS_KEY: units_key(manifest),
+        TAG_SCORES_SHA256: sha256_hex((eval_dir / "scores.jsonl").read_bytes()),
+        TAG_N_IMAGES: str(len(rows)),
+        TAG_REWARDS: ",".join(rewards),
+    }
+    if reference is not None:
+        tags.update({TAG_REFERENCE_DIGEST: reference.digest, TAG_REFERENCE_URI: reference.uri})
+    mlflow.set_tags(tags)
+    settings = manifest.get("settings") or {}
+    mlflow.log_params({f"eval.{key}": _param_value(settings[key]) for key in sorted(settings)}
+                      | {"eval.prompts": str(len(manifest.get("prompts", []))),
+                         "eval.seeds": _param_value(manifest.get("seeds"))})
+    mlflow.log_artifacts(str(eval_dir), artifact_path=EVAL_ARTIFACT_DIR)
+    mlflow.log_table(_score_table(rows, rewards), artifact_file=SCORES_TABLE)
     return flat
 
 
