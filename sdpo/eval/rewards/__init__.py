@@ -18,7 +18,9 @@ aesthetic      a folder with ``clip/`` (CLIP ViT-L/14 transformers folder) and o
 hpsv2          a folder with the open_clip checkpoint (``HPS_v2*.pt``, ``.pth`` or ``.safetensors``), a
                transformers ``config.json`` (CLIPConfig of ViT-H-14, ``hidden_act: gelu``) and the CLIP tokenizer
                and preprocessor files; or the checkpoint file itself with those files beside it
-imagereward    not supported offline yet (the adapter says what it would need)
+imagereward    a folder with the public ``ImageReward.pt`` (or one ``.pth``/``.safetensors`` of its keys), its
+               ``med_config.json`` and the bert-base-uncased tokenizer (``vocab.txt``) beside them or in
+               ``tokenizer/``; or the checkpoint file itself with those files beside it
 =============  ==========================================================================================
 """
 
