@@ -77,13 +77,16 @@ def tiny_state(seed: int = 0) -> dict[str, torch.Tensor]:
     def norm(prefix: str, n: int) -> dict[str, torch.Tensor]:
         return {f"{prefix}.weight": vector(n, 1.0), f"{prefix}.bias": vector(n)}
 
+    # Embeddings are small (variance ~1e-4 in the ViT, ~1e-5 in BERT) so that the first layer norms depend on
+    # their eps: a converter with transformers' default eps (1e-5) instead of BLIP's (1e-6, 1e-12) fails the test.
+    small = 0.01
     w, p, grid = VISION["width"], VISION["patch"], VISION["image"] // VISION["patch"]
     v = "blip.visual_encoder."
     state: dict[str, torch.Tensor] = {
-        f"{v}cls_token": torch.randn(1, 1, w, generator=gen),
-        f"{v}pos_embed": torch.randn(1, grid * grid + 1, w, generator=gen),
-        f"{v}patch_embed.proj.weight": torch.randn(w, 3, p, p, generator=gen) / math.sqrt(3 * p * p),
-        f"{v}patch_embed.proj.bias": vector(w),
+        f"{v}cls_token": small * torch.randn(1, 1, w, generator=gen),
+        f"{v}pos_embed": small * torch.randn(1, grid * grid + 1, w, generator=gen),
+        f"{v}patch_embed.proj.weight": small * torch.randn(w, 3, p, p, generator=gen) / math.sqrt(3 * p * p),
+        f"{v}patch_embed.proj.bias": small * vector(w),
         **norm(f"{v}norm", w),
     }
     for n in range(VISION["layers"]):
@@ -94,8 +97,8 @@ def tiny_state(seed: int = 0) -> dict[str, torch.Tensor]:
         )
     h, t = TEXT["hidden"], "blip.text_encoder."
     state |= {
-        f"{t}embeddings.word_embeddings.weight": torch.randn(vocab_size(), h, generator=gen),
-        f"{t}embeddings.position_embeddings.weight": torch.randn(TEXT["max_positions"], h, generator=gen),
+        f"{t}embeddings.word_embeddings.weight": 0.3 * small * torch.randn(vocab_size(), h, generator=gen),
+        f"{t}embeddings.position_embeddings.weight": 0.3 * small * torch.randn(TEXT["max_positions"], h, generator=gen),
         f"{t}embeddings.position_ids": torch.arange(TEXT["max_positions"]).expand(1, -1).clone(),
         **norm(f"{t}embeddings.LayerNorm", h),
     }
