@@ -152,8 +152,10 @@ def reference_tokens(prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     return input_ids, (input_ids != VOCAB.index("[PAD]")).long()
 
 
-def reference_pixels(images: list[Image.Image], size: int = VISION["image"]) -> torch.Tensor:
-    """torchvision's Resize(size, BICUBIC), CenterCrop(size), RGB, ToTensor, Normalize(CLIP), written out."""
+def reference_pixels(images: list[Image.Image], size: int | None = None) -> torch.Tensor:
+    """torchvision's Resize(size, BICUBIC), CenterCrop(size), RGB, ToTensor, Normalize(CLIP), written out;
+    ``size`` defaults to the ViT's input size."""
+    size = size or VISION["image"]
     out = []
     for image in images:
         width, height = image.size
