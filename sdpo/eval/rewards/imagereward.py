@@ -1,5 +1,5 @@
 """ImageReward (Xu et al. 2023): BLIP's text encoder reads the prompt while cross-attending to the image; an MLP on its
-first output token gives the reward, standardised with the training set's mean and std.
+first output token gives the reward, standardised with the mean and std that ImageReward hard-codes.
 
 Layout of ``eval.reward_paths.imagereward`` (a folder, or the checkpoint file with the other files beside it):
 
@@ -121,7 +121,7 @@ def make_image_processor():
 
 
 class ImageReward:
-    """ImageReward scores (standardised: about N(0, 1) over the authors' test generations)."""
+    """ImageReward scores: (MLP output - REWARD_MEAN) / REWARD_STD, as ImageReward.score returns them."""
 
     name = "imagereward"
 
