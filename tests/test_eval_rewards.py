@@ -202,11 +202,6 @@ def test_unknown_reward_lists_known_names() -> None:
         load_reward("nope")
 
 
-def test_imagereward_says_it_is_not_supported(tmp_path) -> None:
-    with pytest.raises(ModelError, match="not supported offline yet.*ImageReward.pt"):
-        load_reward("imagereward", str(tmp_path))
-
-
 def test_copy_remote_through_pyarrow_filesystem(tiny_clip, tmp_path) -> None:
     folder, _ = tiny_clip
     copied = copy_remote(f"file://{folder}", tmp_path / "cache")
