@@ -1,4 +1,4 @@
-"""SDPOFlow: ingest -> base -> train (one branch per arm) -> evaluate -> compare -> register.
+"""SDPOFlow: ingest -> base -> encode -> train (one branch per arm) -> evaluate -> compare -> register.
 
 Every step is one call into :mod:`sdpo.stages`, the same functions the ``sdpo`` commands and ``dvc.yaml`` run.
 Steps share nothing but the run layout's root (``data.root``: a local folder or ``s3://bucket/prefix``) and small
@@ -124,6 +124,21 @@ class SDPOFlow(FlowSpec):
             self.base_record = stages.base(ctx)
         self.base_model = self.base_record["uri"]
         self.arms = [*ctx.cfg.train.variants, BASE_ARM]
+        self.next(self.encode)
+
+    @retry(times=1)
+    @step
+    def encode(self):
+        """With ``train.cache``: VAE latents and text embeddings of each split, once for every arm (else nothing)."""
+        from sdpo import stages
+        from sdpo.runtime import isolated_scratch
+
+        self.caches = {}
+        with isolated_scratch():
+            ctx = self._ctx()
+            if ctx.cfg.train.cache:
+                self.caches = {split: stages.encode(ctx, split, base=self.base_model)
+                               for split in stages.cached_splits(ctx)}
         self.next(self.train, foreach="arms")
 
     @retry(times=1)

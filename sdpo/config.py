@@ -140,7 +140,7 @@ class TrainConfig(_Section):
     # frozen reference copy's weights (bf16 halves its memory; its errors are still computed in fp32)
     reference_dtype: Literal["float32", "bfloat16"] = "float32"
     # latent cache (`sdpo encode`): VAE posteriors and text embeddings computed once, beside the shards
-    cache: bool = False
+    cache: bool = True
     cache_dtype: Literal["float16", "float32"] = "float16"
     cache_flips: bool = True  # with random_flip: cache both orientations (off: half the size, training unflipped)
     cache_batch_size: int = Field(16, ge=1)  # images/prompts per forward of the encode stage

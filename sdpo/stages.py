@@ -270,6 +270,11 @@ def encode(ctx: StageContext, split: str, *, base: str | None = None) -> dict[st
             "flips": manifest["cache"]["flips"], "reference_epochs": reference["epochs"] if reference else 0}
 
 
+def cached_splits(ctx: StageContext) -> list[str]:
+    """The splits training reads through the latent cache: train, and heldout when its deltas are tracked."""
+    return ["train", "heldout"] if ctx.cfg.train.heldout_every and _optional_heldout(ctx) else ["train"]
+
+
 def _optional_heldout(ctx: StageContext) -> str | None:
     uri = ctx.layout.shards("heldout")
     return uri if fs.exists(fs.join(uri, MANIFEST)) else None

@@ -39,7 +39,8 @@ def test_cli_encode_then_train_from_the_cache(tiny_sd15, small_shards, tmp_path,
     for arm in ("dpo", "dpo-sdpo"):
         assert cli(["train", "--config", str(ROOT / "params.yaml"), "--variant", arm, *args]) == 0
         assert (root / "models" / arm / "model" / "model_index.json").is_file()
-    assert cli(["encode", "--config", str(ROOT / "params.yaml"), "--set", f"data.root={root}"]) == 2  # cache off
+    off = ["--set", f"data.root={root}", "--set", "train.cache=false"]
+    assert cli(["encode", "--config", str(ROOT / "params.yaml"), *off]) == 2  # nothing to encode with the cache off
 
 
 def test_encode_and_train_on_an_s3_root(tiny_sd15, small_shards, tmp_path, monkeypatch):

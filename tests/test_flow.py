@@ -27,7 +27,7 @@ TINY = [
     "train.heldout_every=4", "train.heldout_pairs=8", "eval.seeds_per_prompt=2", "eval.num_inference_steps=2",
     "eval.bootstrap_samples=50",
 ]
-STEPS = {"start", "ingest", "join_ingest", "base", "train", "evaluate", "compare", "register", "end"}
+STEPS = {"start", "ingest", "join_ingest", "base", "encode", "train", "evaluate", "compare", "register", "end"}
 
 
 def _run(flow_env: dict, cwd: Path, overrides: list[str], **top_level):

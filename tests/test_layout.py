@@ -55,7 +55,7 @@ def layout_paths(layout: RunLayout, arms: list[str]) -> set[str]:
     """Every path the layout defines for these arms (and what dvc.yaml may name inside them)."""
     paths = {layout.reports(), layout.report("registry.json"), layout.report("promotion.json"), layout.base_dir()}
     for split in SPLITS:
-        paths |= {layout.raw(split), layout.shards(split), layout.manifest(split)}
+        paths |= {layout.raw(split), layout.shards(split), layout.manifest(split), layout.cache(split)}
     for arm in [*arms, BASE_ARM]:
         evals = layout.evals(arm)
         paths |= {layout.model(arm), layout.checkpoints(arm), layout.compare_report(arm),
@@ -78,7 +78,8 @@ def test_dvc_tracks_what_each_stage_publishes():
     cfg = load_config(ROOT / "params.yaml")
     layout = RunLayout(cfg.data.root)
     found = dvc_paths()
-    expected = {layout.raw("train"), layout.shards("heldout"), layout.base_dir(), layout.report("promotion.json")}
+    expected = {layout.raw("train"), layout.shards("heldout"), layout.base_dir(), layout.report("promotion.json"),
+                layout.cache("train"), layout.cache("heldout")}
     for arm in cfg.train.variants:
         expected |= {layout.model(arm), layout.checkpoints(arm), f"{layout.evals(arm)}/metrics.json",
                      layout.compare_report(arm), layout.training_file(arm, "train_curve.json")}

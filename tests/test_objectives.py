@@ -196,8 +196,11 @@ def test_sft_uses_winners_only():
 
 
 def test_preference_method_requires_all_tensors():
-    with pytest.raises(ValueError, match="reference"):
-        compute_objective(ObjectiveConfig(method="dpo"), torch.ones(2, 3), torch.zeros(2, 3))
+    pred, target = torch.ones(2, 3), torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="needs loser predictions"):
+        compute_objective(ObjectiveConfig(method="dpo"), pred, target)
+    with pytest.raises(ValueError, match="reference predictions or precomputed reference errors"):
+        compute_objective(ObjectiveConfig(method="dpo"), pred, target, pred, target)
 
 
 def test_targets_per_prediction_type():

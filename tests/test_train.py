@@ -108,7 +108,8 @@ def test_cli_train_writes_model_under_the_layout(tiny_models, small_shards, tmp_
     fs.write_json(root / "models" / "base" / "base.json", {"uri": str(tiny_models["sd15"])})
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     args = ["train", "--config", "params.yaml", "--variant", "dpo-sdpo", "--set", f"data.root={root}",
-            "--set", "train.steps=1", "--set", "train.batch_size=4", "--set", "train.heldout_every=0"]
+            "--set", "train.steps=1", "--set", "train.batch_size=4", "--set", "train.heldout_every=0",
+            "--set", "train.cache=false"]
     assert cli(args) == 0 and (root / "models" / "dpo-sdpo" / "model" / "model_index.json").exists()
     assert cli(args) == 2  # a second run would silently discard the first one's checkpoints
     assert cli([*args, "--overwrite"]) == 0
@@ -131,7 +132,7 @@ def test_two_process_run_keeps_ranks_in_sync(tiny_models, small_shards, tmp_path
                                         "dynamo_config": {}, "use_cpu": False, "main_training_function": "main"}))
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     ctx = stages.StageContext.load(Path(__file__).resolve().parents[1] / "params.yaml", [
-        f"data.root={root}", "train.steps=2", "train.batch_size=2", "train.heldout_every=0",
+        f"data.root={root}", "train.steps=2", "train.batch_size=2", "train.heldout_every=0", "train.cache=false",
         "train.variants.dpo-sdpo.safeguard=batch", f"train.accelerate_config={launcher}"])
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
     try:

@@ -14,8 +14,10 @@ from sdpo import fs
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 # three steps, a checkpoint after each: the smallest run with a checkpoint to resume, one to keep and one to write
-TINY_SETS = ["train.steps=3", "train.batch_size=4", "train.heldout_every=0", "train.checkpoint_every=1",
-             "train.log_every=1", "train.beta=500"]
+# From the images (train.cache=false): checkpoints, resume and locks do not depend on where the latents come from;
+# tests/test_cache_stage.py runs the same stages from the latent cache.
+TINY_SETS = ["train.cache=false", "train.steps=3", "train.batch_size=4", "train.heldout_every=0",
+             "train.checkpoint_every=1", "train.log_every=1", "train.beta=500"]
 ACCELERATE_NAMES = ("custom_checkpoint_0.pkl", "optimizer.bin", "scheduler.bin", "random_states_0.pkl", "scaler.pt",
                     "sampler.bin", "dl_state_dict.bin", "pytorch_model.bin", "model.safetensors")
 

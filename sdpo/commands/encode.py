@@ -20,17 +20,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("encode", help="cache VAE latents and text embeddings (and reference errors)",
                                    description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--split", choices=["train", "heldout"], action="append",
-                        help="split to encode (repeatable; default: train, and heldout when its shards exist)")
+                        help="split to encode (repeatable; default: train, and heldout when its shards exist and "
+                        "train.heldout_every > 0)")
     parser.add_argument("--base", metavar="URI", help="encode with this model instead of the recorded base")
     add_config_args(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from sdpo import fs, stages
+    from sdpo import stages
 
     ctx = load_context(args)
-    splits = args.split or [s for s in ("train", "heldout") if fs.exists(ctx.layout.manifest(s))]
+    splits = args.split or stages.cached_splits(ctx)
     for split in splits:
         result = stages.encode(ctx, split, base=args.base)
         extra = f", reference errors for {result['reference_epochs']} epoch(s)" if result["reference_epochs"] else ""
