@@ -1,4 +1,4 @@
-"""The objective library proves its own guarantees (SCIENCE.md, "Properties a test can check exactly")."""
+"""The objective library proves its own guarantees (docs/method.md states them)."""
 
 import math
 

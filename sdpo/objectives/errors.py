@@ -1,4 +1,4 @@
-"""Regression targets per prediction type and per-sample errors (SCIENCE.md, "Setting")."""
+"""Regression targets per prediction type and per-sample errors (docs/method.md, "Setting")."""
 
 from __future__ import annotations
 

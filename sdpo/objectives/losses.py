@@ -1,6 +1,6 @@
 """Preference objectives (Diffusion-DPO, DMPO, DSPO) and SFT, with the optional SDPO safeguard.
 
-All functions are pure tensor math: predictions and targets in, loss and diagnostics out (SCIENCE.md).
+All functions are pure tensor math: predictions and targets in, loss and diagnostics out (docs/method.md).
 """
 
 from __future__ import annotations

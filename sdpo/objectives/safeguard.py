@@ -1,4 +1,4 @@
-"""The Diffusion-SDPO safeguard: a closed-form scale for the loser's gradient (SCIENCE.md, "The safeguard").
+"""The Diffusion-SDPO safeguard: a closed-form scale for the loser's gradient (docs/method.md, "The safeguard").
 
 With output-space gradients ``e_w = pred_w - y_w`` and ``e_l = pred_l - y_l`` the largest loser scale that still
 decreases the winner error by ``mu * ||e_w||^2`` to first order is
