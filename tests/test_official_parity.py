@@ -69,7 +69,8 @@ def _batch(seed: int, *, pairs: int = 4, drift: float = 0.05):
     return pred, ref_pred, target
 
 
-CASES = [  # the reference scripts' settings (docs/method.md, "Configuration"), beta lowered where 5000 saturates the sigmoid here
+# the reference scripts' settings (docs/method.md, "Configuration"), beta lowered where 5000 saturates the sigmoid
+CASES = [
     ("dpo", 50.0, 0.9, False), ("dpo", 50.0, 0.6, True), ("dmpo", 20.0, 0.9, False), ("dmpo", 60.0, 0.6, True),
     ("dspo", 0.001, 0.2, False), ("dspo", 50.0, 0.6, True),
 ]
