@@ -238,6 +238,7 @@ def _local_model(uri: str) -> Iterator[str]:
         yield str(local)
 
 
+@writes("encode", lambda ctx, split, *_, **__: ctx.layout.cache(split))
 def encode(ctx: StageContext, split: str, *, base: str | None = None) -> dict[str, Any]:
     """The latent cache of ``layout.shards(split)`` at ``layout.cache(split)`` (``train.cache``).
 
