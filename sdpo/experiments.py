@@ -77,7 +77,7 @@ class ResultRow:
 
     def csv_dict(self) -> dict[str, Any]:
         row = asdict(self)
-        row["values"] = ";".join(f"{v:.6g}" for v in self.values)
+        row["values"] = ";".join(repr(float(v)) for v in self.values)  # full precision
         return {k: "" if v is None else v for k, v in row.items()}
 
 
