@@ -40,6 +40,7 @@ import numpy as np
 
 from sdpo import fs
 from sdpo.config import Config, ConfigError, config_to_dict, flatten, validate_config
+from sdpo.errors import DataError
 from sdpo.layout import BASE_ARM, SPLITS, RunLayout
 
 SEED_KEYS = ("data.synthetic.seed", "model.toy.seed", "train.seed")
@@ -348,6 +349,8 @@ def collect(layouts: dict[int, RunLayout], arms: Sequence[str], cfg: Config) -> 
             for cand, base in pairs:
                 (c_manifest, c_rows, _), (b_manifest, b_rows, _) = evals[cand], evals[base]
                 check_comparable(c_manifest, b_manifest, (f"seed {seed} {cand}", f"seed {seed} {base}"))
+                if set(c_rows) != set(b_rows):
+                    raise DataError(f"seed {seed}: the score rows of {cand} and {base} are not the same images")
                 units = sorted(c_rows)
                 for reward in [r for r in c_manifest.get("rewards", []) if r in b_manifest.get("rewards", [])]:
                     c = np.array([c_rows[u]["scores"][reward] for u in units], dtype=np.float64)
@@ -460,8 +463,12 @@ def bar_plot(rows: list[ResultRow], title: str) -> bytes:
     return _png(fig)
 
 
-def curve_plot(curves: list[dict[str, Any]], metrics: Sequence[str], title: str) -> bytes | None:
-    """One panel per metric: per arm the mean over seeds by step, the band from the lowest to the highest seed."""
+def curve_plot(curves: list[dict[str, Any]], metrics: Sequence[str], title: str,
+               arms: Sequence[str]) -> bytes | None:
+    """One panel per metric: per arm the mean over seeds by step, the band from the lowest to the highest seed.
+
+    An arm keeps its colour (its place in ``arms``) in every panel and plot.
+    """
     from matplotlib.figure import Figure
 
     present = [m for m in metrics if any(c["metric"] == m for c in curves)]
@@ -477,8 +484,9 @@ def curve_plot(curves: list[dict[str, Any]], metrics: Sequence[str], title: str)
                     by_seed.setdefault(c["seed"], {})[c["step"]] = c["value"]
             steps = sorted(set.intersection(*(set(v) for v in by_seed.values())))
             values = np.array([[series[s] for s in steps] for series in by_seed.values()])
-            line = ax.plot(steps, values.mean(axis=0), label=arm)[0]
-            ax.fill_between(steps, values.min(axis=0), values.max(axis=0), alpha=0.2, color=line.get_color())
+            colour = f"C{list(arms).index(arm) % 10}"
+            ax.plot(steps, values.mean(axis=0), label=arm, color=colour)
+            ax.fill_between(steps, values.min(axis=0), values.max(axis=0), alpha=0.2, color=colour)
         ax.axhline(0.0, color="grey", linewidth=0.8)
         ax.set_xlabel("step")
         ax.set_title(metric, fontsize=9)
@@ -497,7 +505,7 @@ def write_results(uri: str, rows: list[ResultRow], curves: list[dict[str, Any]],
         plots.append((f"plots/{table}-{metric}.png", bar_plot(group, f"{metric}: {_TITLES[table]}, 95% interval")))
     for stem, metrics, title in (("curves-heldout", HELDOUT_METRICS, "held-out deltas over training"),
                                  ("curves-lambda", LAMBDA_METRICS, "safeguard lambda over training")):
-        png = curve_plot(curves, metrics, title)
+        png = curve_plot(curves, metrics, title, summary["arms"])
         if png is not None:
             plots.append((f"plots/{stem}.png", png))
     for name, png in plots:
