@@ -15,8 +15,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "base is always evaluated) under ROOT/experiments/NAME/seed-S/, where seed S adds S to data.synthetic.seed, "
         "model.toy.seed and train.seed (eval.seed stays fixed, so a seed's arms are compared on the same units). "
         "Then ROOT/experiments/NAME/ gets results.csv (long format), results.md, curves.csv and plots/*.png: every "
-        "reward and the held-out winner/loser deltas with a 95%% Student-t interval across seeds, lambda statistics "
-        "over training, and paired win rates against the base and between arms pooled over seeds (95%% percentile "
+        "reward and the held-out winner/loser deltas with a 95% Student-t interval across seeds, lambda statistics "
+        "over training, and paired win rates against the base and between arms pooled over seeds (95% percentile "
         "bootstrap over images). Stages already done are skipped, so a rerun resumes; rerunning a NAME with other "
         "settings is refused. Recipes: experiments/*.yaml (e.g. --config experiments/long-horizon.yaml).",
     )
