@@ -14,6 +14,8 @@ The flow, the stages and ``dvc.yaml`` use these paths and nothing else (``tests/
                                         training_summary.json, train_curve.json, heldout_curve.json
     ROOT/evals/<arm>/                   images/, scores.jsonl, manifest.json, grid.png, metrics.json (written last)
     ROOT/reports/                       compare-<arm>.json, registry.json, promotion.json, summary.json
+    ROOT/experiments/<name>/            `sdpo experiment`: seed-<s>/ (a whole run layout per seed), results.csv,
+                                        results.md, curves.csv, plots/*.png, experiment.json
     ROOT/.../.<name>.lock               the writer lock of the folder <name> beside it (sdpo.locks)
 """
 
@@ -114,3 +116,13 @@ class RunLayout:
 
     def compare_report(self, arm: str) -> str:
         return self.report(f"compare-{_name('arm', arm)}.json")
+
+    # --- experiments (`sdpo experiment`) ------------------------------------------------------------------
+
+    def experiment(self, name: str) -> str:
+        """An experiment's folder: its tables and plots, and one run root per seed."""
+        return self.path("experiments", _name("experiment", name))
+
+    def experiment_seed(self, name: str, seed: int) -> str:
+        """The run root of one seed of an experiment (a whole layout of its own: ``RunLayout(that)``)."""
+        return join(self.experiment(name), f"seed-{int(seed)}")
