@@ -102,6 +102,7 @@ def test_toy_sd15_architecture(tmp_path):
     assert 500_000 <= _n_params(pipeline.unet) <= 1_000_000
     assert _n_params(pipeline.text_encoder) <= 100_000
     assert pipeline.unet.config.cross_attention_dim == pipeline.text_encoder.config.hidden_size
+    assert pipeline.unet.config.addition_embed_type == "text"  # pooled prompt added to the time embedding too
     scheduler = pipeline.scheduler.config
     assert (scheduler.prediction_type, scheduler.beta_schedule, scheduler.num_train_timesteps) == (
         "epsilon",
