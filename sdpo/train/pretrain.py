@@ -105,14 +105,19 @@ def _train_unet(pipe, scheduler, latents: torch.Tensor, captions: list[str], toy
         x0 = latents[idx]
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, n_train, (toy.batch_size,), generator=gen)
-        drop = torch.rand(toy.batch_size, generator=gen) < toy.prompt_dropout
-        prompt_idx = torch.where(drop, empty, caption_ids[idx])
+        prompt_idx = caption_ids[idx]
+        if toy.prompt_dropout > 0:  # drawn only when used: the default recipe keeps its random stream
+            drop = torch.rand(toy.batch_size, generator=gen) < toy.prompt_dropout
+            prompt_idx = torch.where(drop, empty, prompt_idx)
         table = text_encoder(ids)[0] if toy.train_text_encoder else frozen
         noisy = scheduler.add_noise(x0, noise, t)
         pred = unet(noisy, t, encoder_hidden_states=table[prompt_idx]).sample
-        per_sample = (pred - noise).pow(2).mean(dim=(1, 2, 3))
-        weight = _noise_weight(scheduler.alphas_cumprod[t], toy.high_noise_weight)
-        loss = (weight * per_sample).sum() / weight.sum()
+        if toy.high_noise_weight > 1:
+            per_sample = (pred - noise).pow(2).mean(dim=(1, 2, 3))
+            weight = _noise_weight(scheduler.alphas_cumprod[t], toy.high_noise_weight)
+            loss = (weight * per_sample).sum() / weight.sum()
+        else:
+            loss = torch.nn.functional.mse_loss(pred, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -136,7 +141,8 @@ def pretrain_toy_base(images: np.ndarray, captions: list[str], out_dir: str | Pa
     out_dir = Path(out_dir)
     gen = torch.Generator().manual_seed(toy.seed)
     with atomic_directory(out_dir) as tmp:
-        build_toy_sd15(str(tmp / "init"), vocabulary=vocabulary, resolution=resolution, seed=toy.seed)
+        build_toy_sd15(str(tmp / "init"), vocabulary=vocabulary, resolution=resolution, seed=toy.seed,
+                       pooled_text=toy.pooled_text)
         pipe = StableDiffusionPipeline.from_pretrained(str(tmp / "init"))
         shutil.rmtree(tmp / "init")
         pixels = _to_pixels(images)
