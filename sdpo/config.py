@@ -64,6 +64,12 @@ class ToyBaseConfig(_Section):
     unet_steps: int = Field(400, ge=0)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(1e-3, gt=0)
+    # Conditioning knobs (issue 12): the defaults are the original recipe, whose base ignores its prompts; none of
+    # them has yet been measured to fix that within the budget.
+    pooled_text: bool = False  # UNet also gets the attention-pooled prompt in its time embedding
+    train_text_encoder: bool = False  # the text encoder learns with the UNet (else it stays random and frozen)
+    prompt_dropout: float = Field(0.0, ge=0.0, le=1.0)  # share of UNet samples with the empty prompt (CFG training)
+    high_noise_weight: float = Field(0.0, ge=0.0)  # cap of the 1/SNR loss weight at high noise (<= 1: plain eps MSE)
     seed: int = 0
     cache_dir: str | None = None  # None: ROOT/cache/toy-base (a local folder or URI elsewhere shares one cache)
 

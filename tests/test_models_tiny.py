@@ -102,6 +102,7 @@ def test_toy_sd15_architecture(tmp_path):
     assert 500_000 <= _n_params(pipeline.unet) <= 1_000_000
     assert _n_params(pipeline.text_encoder) <= 100_000
     assert pipeline.unet.config.cross_attention_dim == pipeline.text_encoder.config.hidden_size
+    assert pipeline.unet.config.addition_embed_type is None  # pooled_text=False: the prompt enters by cross-attention
     scheduler = pipeline.scheduler.config
     assert (scheduler.prediction_type, scheduler.beta_schedule, scheduler.num_train_timesteps) == (
         "epsilon",
@@ -117,6 +118,14 @@ def test_toy_sd15_architecture(tmp_path):
     latents = model.encode_images(torch.zeros(2, 3, 16, 16))
     assert latents.shape == (2, 4, 16, 16)
 
+
+
+def test_toy_sd15_pooled_text_adds_the_prompt_to_the_time_embedding(tmp_path):
+    folder = build_toy_sd15(str(tmp_path / "toy"), vocabulary=["a", "red", "square"], resolution=16, pooled_text=True)
+    pipeline = DiffusionPipeline.from_pretrained(folder)
+    assert pipeline.unet.config.addition_embed_type == "text"
+    assert _n_params(pipeline.unet) <= 1_000_000
+    assert pipeline("a red square", num_inference_steps=2, output_type="pt").images.shape == (1, 3, 16, 16)
 
 def test_cli_tiny_writes_a_loadable_sd3_pipeline(tmp_path, capsys):
     out = tmp_path / "cli-sd3"

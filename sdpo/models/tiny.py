@@ -210,12 +210,14 @@ def build_tiny_pipeline(
     return _save(pipeline, out_dir)
 
 
-def build_toy_sd15(out_dir: str, *, vocabulary: list[str], resolution: int = 16, seed: int = 0) -> str:
+def build_toy_sd15(out_dir: str, *, vocabulary: list[str], resolution: int = 16, seed: int = 0,
+                   pooled_text: bool = False) -> str:
     """Write the untrained toy base: an SD1.5-family pipeline whose VAE does not downsample (latents 4 x R x R).
 
     Parts: AutoencoderKL with one block (~150k parameters), a 2-layer CLIP text encoder (hidden 32) with a word-level
-    tokenizer over ``vocabulary``, a ~0.99M-parameter UNet2DConditionModel, and a DDIM scheduler with SD1.5's exact
-    noise schedule (epsilon, 1000 steps, scaled_linear betas 0.00085..0.012), so that training with
+    tokenizer over ``vocabulary``, a ~0.99M-parameter UNet2DConditionModel (cross-attention at 8x8; with
+    ``pooled_text`` also the prompt's attention-pooled embedding added to the time embedding), and a DDIM scheduler
+    with SD1.5's exact noise schedule (epsilon, 1000 steps, scaled_linear betas 0.00085..0.012), so that training with
     ``DDPMScheduler.from_config`` and DDIM sampling share one schedule and the loss scale matches SD1.5 recipes.
     """
     with torch.random.fork_rng(devices=[]):
@@ -244,6 +246,9 @@ def build_toy_sd15(out_dir: str, *, vocabulary: list[str], resolution: int = 16,
             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
             cross_attention_dim=text_encoder.config.hidden_size,
             attention_head_dim=8,
+            # pooled_text: the prompt also enters globally, attention-pooled and added to the time embedding
+            # (diffusers' "text" addition embedding), so it reaches every resolution of the UNet
+            **({"addition_embed_type": "text", "addition_embed_type_num_heads": 4} if pooled_text else {}),
         )
         pipeline = StableDiffusionPipeline(
             vae=vae,

@@ -20,7 +20,7 @@ import torch
 
 from sdpo.config import Config, ToyBaseConfig
 
-RECIPE_VERSION = "toy-sd15-v1"  # bump when the recipe below changes, so stale caches are not reused
+RECIPE_VERSION = "toy-sd15-v2"  # bump when the recipe below changes, so stale caches are not reused
 
 
 def toy_base_key(toy: ToyBaseConfig, resolution: int, data_digest: str) -> str:
@@ -59,30 +59,77 @@ def _train_vae(vae, pixels: torch.Tensor, toy: ToyBaseConfig, gen: torch.Generat
     return latents * scaling
 
 
-def _train_unet(unet, scheduler, latents: torch.Tensor, cond: torch.Tensor, toy: ToyBaseConfig,
+def _prompt_table(pipe, captions: list[str]) -> tuple[list[str], torch.Tensor]:
+    """The distinct captions plus the empty prompt (last), and their token ids."""
+    unique = [*sorted(set(captions) - {""}), ""]
+    ids = pipe.tokenizer(unique, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt").input_ids
+    return unique, ids
+
+
+def _noise_weight(alphas_cumprod: torch.Tensor, cap: float) -> torch.Tensor:
+    """Per-sample loss weight ``clamp(1 / SNR, 1, cap)``: epsilon MSE at low noise, x0 MSE at high noise.
+
+    Plain epsilon MSE weights an x0 error by the SNR, ~0.005 at t = 999: the prompt (colour and shape are decided at
+    high noise) then barely moves the loss and the model learns to ignore it. ``cap <= 1`` is plain epsilon MSE.
+    """
+    inverse_snr = (1 - alphas_cumprod) / alphas_cumprod
+    return inverse_snr.clamp(min=1.0, max=max(cap, 1.0)).float()
+
+
+def _train_unet(pipe, scheduler, latents: torch.Tensor, captions: list[str], toy: ToyBaseConfig,
                 gen: torch.Generator, log: Callable[[str], None]) -> None:
-    opt = torch.optim.AdamW(unet.parameters(), lr=toy.lr)
-    unet.train()
+    """Epsilon-prediction training of the UNet and (``toy.train_text_encoder``) the text encoder with it.
+
+    A ``toy.prompt_dropout`` share of each batch gets the empty prompt, as in classifier-free guidance training, so
+    the base also has an unconditional model.
+    """
+    unet, text_encoder = pipe.unet, pipe.text_encoder
+    unique, ids = _prompt_table(pipe, captions)
+    index = {c: i for i, c in enumerate(unique)}
+    caption_ids = torch.tensor([index[c] for c in captions])
+    empty = len(unique) - 1
+    unet.train().requires_grad_(True)
+    params = list(unet.parameters())
+    if toy.train_text_encoder:
+        text_encoder.train().requires_grad_(True)
+        params += list(text_encoder.parameters())
+    else:
+        text_encoder.eval().requires_grad_(False)
+        with torch.no_grad():
+            frozen = text_encoder(ids)[0]
+    opt = torch.optim.AdamW(params, lr=toy.lr)
     n_train = scheduler.config.num_train_timesteps
     for step in range(1, toy.unet_steps + 1):
         idx = torch.randint(0, latents.shape[0], (toy.batch_size,), generator=gen)
         x0 = latents[idx]
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, n_train, (toy.batch_size,), generator=gen)
+        prompt_idx = caption_ids[idx]
+        if toy.prompt_dropout > 0:  # drawn only when used: the default recipe keeps its random stream
+            drop = torch.rand(toy.batch_size, generator=gen) < toy.prompt_dropout
+            prompt_idx = torch.where(drop, empty, prompt_idx)
+        table = text_encoder(ids)[0] if toy.train_text_encoder else frozen
         noisy = scheduler.add_noise(x0, noise, t)
-        pred = unet(noisy, t, encoder_hidden_states=cond[idx]).sample
-        loss = torch.nn.functional.mse_loss(pred, noise)
+        pred = unet(noisy, t, encoder_hidden_states=table[prompt_idx]).sample
+        if toy.high_noise_weight > 1:
+            per_sample = (pred - noise).pow(2).mean(dim=(1, 2, 3))
+            weight = _noise_weight(scheduler.alphas_cumprod[t], toy.high_noise_weight)
+            loss = (weight * per_sample).sum() / weight.sum()
+        else:
+            loss = torch.nn.functional.mse_loss(pred, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if step % 250 == 0 or step == toy.unet_steps:
             log(f"  unet step {step}/{toy.unet_steps}: eps mse {loss.item():.4f}")
-    unet.eval()
+    unet.eval().requires_grad_(False)
+    text_encoder.eval().requires_grad_(False)
 
 
 def pretrain_toy_base(images: np.ndarray, captions: list[str], out_dir: str | Path, *, toy: ToyBaseConfig,
                       resolution: int, vocabulary: list[str], log: Callable[[str], None] = print) -> Path:
-    """Build the toy pipeline (``sdpo.models.tiny.build_toy_sd15``) and train its VAE, then its UNet.
+    """Build the toy pipeline (``sdpo.models.tiny.build_toy_sd15``) and train its VAE, then its UNet (and text encoder).
 
     ``images`` are uint8 ``[N, R, R, 3]`` with one caption each. Writes a diffusers folder to ``out_dir``.
     """
@@ -94,21 +141,16 @@ def pretrain_toy_base(images: np.ndarray, captions: list[str], out_dir: str | Pa
     out_dir = Path(out_dir)
     gen = torch.Generator().manual_seed(toy.seed)
     with atomic_directory(out_dir) as tmp:
-        build_toy_sd15(str(tmp / "init"), vocabulary=vocabulary, resolution=resolution, seed=toy.seed)
+        build_toy_sd15(str(tmp / "init"), vocabulary=vocabulary, resolution=resolution, seed=toy.seed,
+                       pooled_text=toy.pooled_text)
         pipe = StableDiffusionPipeline.from_pretrained(str(tmp / "init"))
         shutil.rmtree(tmp / "init")
         pixels = _to_pixels(images)
         tic = time.perf_counter()
         latents = _train_vae(pipe.vae, pixels, toy, gen, log)
         log(f"  vae trained in {time.perf_counter() - tic:.0f}s (scaling_factor {pipe.vae.config.scaling_factor:.3f})")
-        with torch.no_grad():
-            unique = sorted(set(captions))
-            ids = pipe.tokenizer(unique, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                                 truncation=True, return_tensors="pt").input_ids
-            table = dict(zip(unique, pipe.text_encoder(ids)[0], strict=True))
-            cond = torch.stack([table[c] for c in captions])
         tic = time.perf_counter()
-        _train_unet(pipe.unet, DDPMScheduler.from_config(pipe.scheduler.config), latents, cond, toy, gen, log)
+        _train_unet(pipe, DDPMScheduler.from_config(pipe.scheduler.config), latents, captions, toy, gen, log)
         log(f"  unet trained in {time.perf_counter() - tic:.0f}s")
         pipe.save_pretrained(str(tmp))
     return out_dir

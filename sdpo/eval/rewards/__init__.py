@@ -8,7 +8,11 @@ implicitly.
 =============  ==========================================================================================
 name           weights (``eval.reward_paths.<name>``)
 =============  ==========================================================================================
-synthetic      none: the synthetic world's programmatic judge
+synthetic      none: the synthetic world's programmatic judge, the labeller of its pairs (toy "aesthetic")
+alignment      none: colour and shape of the drawn object against the prompt's ground truth (toy CLIP score)
+preference     a folder written by ``sdpo.eval.rewards.preference.train_preference_model``: a small image-text
+               scorer trained Bradley-Terry on the train pairs only (toy PickScore; config.json +
+               model.safetensors)
 pickscore      a transformers CLIPModel folder (PickScore_v1) with the CLIP tokenizer and preprocessor files
                beside the weights or in a ``processor/`` subfolder (PickScore_v1 uses those of
                laion/CLIP-ViT-H-14-laion2B-s32B-b79K)
@@ -57,6 +61,18 @@ def _load_synthetic(path: Path | None, device: torch.device | str | None) -> Rew
     return SyntheticJudgeReward()
 
 
+def _load_alignment(path: Path | None, device: torch.device | str | None) -> RewardModel:
+    from sdpo.eval.rewards.alignment import AlignmentReward
+
+    return AlignmentReward()
+
+
+def _load_preference(path: Path, device: torch.device | str | None) -> RewardModel:
+    from sdpo.eval.rewards.preference import load_preference
+
+    return load_preference(path, device)
+
+
 def _load_pickscore(path: Path, device: torch.device | str | None) -> RewardModel:
     from sdpo.eval.rewards.pickscore import load_pickscore
 
@@ -90,6 +106,8 @@ def _load_imagereward(path: Path, device: torch.device | str | None) -> RewardMo
 # name -> (loader, needs weights). Loaders import their module lazily: torch and transformers load only when used.
 REWARDS: dict[str, tuple[Callable[[Path | None, torch.device | str | None], RewardModel], bool]] = {
     "synthetic": (_load_synthetic, False),
+    "alignment": (_load_alignment, False),
+    "preference": (_load_preference, True),
     "pickscore": (_load_pickscore, True),
     "clip": (_load_clip, True),
     "aesthetic": (_load_aesthetic, True),
