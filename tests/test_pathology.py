@@ -1,4 +1,4 @@
-"""The paper's pathology at toy scale, on the toy base that `make run` builds (SCIENCE.md).
+"""The paper's pathology at toy scale, on the toy base that `make run` builds (docs/method.md).
 
 With plain Diffusion-DPO the held-out winner error rises above the reference (m_w - r_w > 0) while the margin
 widens; with the SDPO safeguard (mu = 0.9, one lambda per pair) it stays at or below the reference. Two seeds.
@@ -12,6 +12,9 @@ from sdpo.config import load_config
 from sdpo.train.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
+# A hang guard only, far above the quiet time (about 6 minutes for the four trainings on 2 cores): a loaded machine
+# once took 14 minutes, and the test asserts nothing about speed.
+pytestmark = pytest.mark.timeout(3600)
 
 
 @pytest.fixture(scope="module")

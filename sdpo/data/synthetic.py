@@ -1,6 +1,6 @@
 """The embedded synthetic preference world: coloured shapes, good and bad renders, and the judge that ranks them.
 
-It reproduces the paper's pathology at toy scale (SCIENCE.md, "The pathology, reproduced at toy scale").
+It reproduces the paper's pathology at toy scale (docs/method.md, "The pathology, and what the toy world measures").
 
 Prompts are ``"a {colour} {shape}"`` for 6 colours x 4 shapes = 24 prompts. The HELD-OUT split is the "diagonal"
 ``colour[i] x shape[i]`` for i = 0..3 (red square, green circle, blue triangle, yellow cross): 4 prompts, 1/6 of the
@@ -216,8 +216,8 @@ def judge_scores(
     """Judge scores (higher is better) of a batch: ``-distance - 10 * roughness - colour_weight * colour_error``.
 
     ``images`` is N x H x W x 3 (or a list of same-sized HxWx3 arrays), uint8 or float in [0, 1] or [0, 255].
-    With the default ``colour_weight=0`` this is exactly the reward of SCIENCE.md and the prompts are only checked
-    for count; a positive weight also penalises the wrong colour.
+    With the default ``colour_weight=0`` this is exactly the judge that labelled the pairs, and the prompts are only
+    checked for count; a positive weight also penalises the wrong colour.
     """
     batch = np.stack([np.asarray(im) for im in images]) if not isinstance(images, np.ndarray) else images
     if len(batch) != len(prompts):

@@ -1,9 +1,11 @@
 """The toy base model of the embedded default: an ordinary SD1.5-family pipeline trained here, on a CPU, in minutes.
 
 It is pretrained (SFT) on every image of the synthetic train shards: the good renders and the bad ones, half and
-half. So it generates the right colour and shape, sometimes clean and centred, sometimes offset and rough:
-"recognisable but imperfect", which is what preference tuning needs to have something to improve. SCIENCE.md
-records how this recipe was chosen. The result is cached under a hash of everything that determines it.
+half, so its renders are sometimes clean and centred, sometimes offset and rough: "imperfect", which is what
+preference tuning needs to have something to improve. With the default recipe it does NOT follow its prompts yet
+(colour and shape barely depend on the prompt; docs/results.md); the opt-in ``model.toy`` conditioning settings
+(pooled text, a trained text encoder, prompt dropout, high-noise weighting) raise the alignment rates with more
+steps. The result is cached under a hash of everything that determines it.
 """
 
 from __future__ import annotations
