@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sdpo", description="Diffusion-SDPO: safeguarded preference optimisation for diffusion models."
     )
+    parser.add_argument("--verbose", action="store_true",
+                        help="keep the libraries' loading bars and warnings (or SDPO_LOG_LEVEL=DEBUG|INFO)")
     parser.add_argument("--version", action="version", version=f"sdpo {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for info in sorted(pkgutil.iter_modules(sdpo.commands.__path__), key=lambda m: m.name):
@@ -48,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from sdpo.logs import configure_logging
+
+    configure_logging(True if args.verbose else None)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -50,9 +50,8 @@ def encode_dataset(model, shards_dir: str | Path, out_dir: str | Path, tcfg: Tra
     Flips: both orientations are stored when ``train.random_flip`` and ``train.cache_flips`` are on; with
     ``cache_flips`` off only the stored one (training then runs without flips and says so).
     """
-    from tqdm.auto import tqdm
-
     from sdpo.data.loader import collate_pairs
+    from sdpo.logs import progress as sdpo_progress
 
     dataset = PairDataset(shards_dir)
     resolution = int(dataset.resolution)
@@ -62,7 +61,7 @@ def encode_dataset(model, shards_dir: str | Path, out_dir: str | Path, tcfg: Tra
               "without random flips")
     components = component_digests(model.model_dir, encoder_names(model))
     writer = CacheWriter(out_dir, dtype=tcfg.cache_dtype, shard_max_pairs=shard_max_pairs)
-    bar = tqdm(total=len(dataset), desc="encode", disable=not progress)
+    bar = sdpo_progress(len(dataset), "encode", disable=not progress)
     latent_shape: list[int] = []
     for start in range(0, len(dataset), tcfg.cache_batch_size):
         items = [dataset[i] for i in range(start, min(len(dataset), start + tcfg.cache_batch_size))]

@@ -85,9 +85,8 @@ def precompute_reference_errors(model, dataset, tcfg: Any, *, epochs: int, rando
     The draws are those the trainer makes (same seed, flips, prompt dropout, timesteps, noise and posterior
     normals), the forward runs under the trainer's autocast with the reference weights in ``train.reference_dtype``.
     """
-    from tqdm.auto import tqdm
-
     from sdpo.data.loader import flip_plan
+    from sdpo.logs import progress as sdpo_progress
 
     module = model.denoiser
     if tcfg.reference_dtype != "float32":
@@ -97,7 +96,7 @@ def precompute_reference_errors(model, dataset, tcfg: Any, *, epochs: int, rando
     n = len(dataset)
     out = np.zeros((n, epochs, 2), dtype=np.float32)
     empty = dataset.empty_prompt()
-    bar = tqdm(total=n * epochs, desc="reference errors", disable=not progress)
+    bar = sdpo_progress(n * epochs, "reference errors", disable=not progress)
     for epoch in range(epochs):
         flips = flip_plan(tcfg.seed, epoch, n) if random_flip else np.zeros(n, dtype=bool)
         for rows in _batches(n, batch_size):

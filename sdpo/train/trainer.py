@@ -313,8 +313,7 @@ class Trainer:
         A fresh run refuses a folder that holds complete checkpoints; ``resume`` continues the newest one only if
         it belongs to this run (:mod:`sdpo.train.checkpoint`), and with no checkpoint starts fresh.
         """
-        from tqdm.auto import tqdm
-
+        from sdpo.logs import progress as sdpo_progress
         from sdpo.train import checkpoint as ck
         from sdpo.train.guard import weights_finite
 
@@ -337,7 +336,7 @@ class Trainer:
                 (self.output_dir / name).unlink(missing_ok=True)
         acc.wait_for_everyone()
         stop_at = t.steps if stop_after is None else min(t.steps, self.state.step + stop_after)
-        progress = tqdm(total=t.steps, initial=self.state.step, desc=f"train {self.variant}",
+        progress = sdpo_progress(total=t.steps, initial=self.state.step, desc=f"train {self.variant}",
                         disable=not (self.show_progress and acc.is_local_main_process))
         batches = iter(self.loader)
         trainable = [p for p in self.denoiser.parameters() if p.requires_grad]

@@ -90,7 +90,7 @@ class ClipEmbedder:
 def load_clip_processing(folder: Path):
     """(tokenizer, image processor) from a CLIP folder (``vocab.json``+``merges.txt`` or ``tokenizer.json``,
     and ``preprocessor_config.json``), offline."""
-    from transformers import CLIPImageProcessor, CLIPTokenizer
+    from transformers import CLIPImageProcessorPil, CLIPTokenizer
 
     # Without these files transformers silently builds an empty tokenizer that maps every word to one token.
     if not (folder / "tokenizer.json").is_file() and not all((folder / f).is_file() for f in TOKENIZER_BPE_FILES):
@@ -101,7 +101,7 @@ def load_clip_processing(folder: Path):
         raise ModelError(
             f"{folder}: cannot load the CLIP tokenizer (needs vocab.json + merges.txt or tokenizer.json): {err}"
         ) from err
-    return tokenizer, _load_image_processor(folder, CLIPImageProcessor)
+    return tokenizer, _load_image_processor(folder, CLIPImageProcessorPil)
 
 
 def load_clip_folder(
@@ -111,7 +111,7 @@ def load_clip_folder(
 
     ``with_tokenizer=False`` loads only what image embeddings need (no tokenizer files required).
     """
-    from transformers import CLIPImageProcessor, CLIPModel
+    from transformers import CLIPImageProcessorPil, CLIPModel
 
     if not (folder / "config.json").is_file():
         raise ModelError(f"{folder}: not a transformers CLIP folder (config.json is missing)")
@@ -125,7 +125,7 @@ def load_clip_folder(
     if with_tokenizer:
         tokenizer, image_processor = load_clip_processing(processing)
     else:
-        tokenizer, image_processor = None, _load_image_processor(processing, CLIPImageProcessor)
+        tokenizer, image_processor = None, _load_image_processor(processing, CLIPImageProcessorPil)
     return ClipEmbedder(model, tokenizer, image_processor, device, batch_size)
 
 
