@@ -54,8 +54,10 @@ class SDPOFlow(FlowSpec):
     def _ctx(self):
         """The stage context of this step: the resolved config, the layout, this run's MLflow parent and retry."""
         from sdpo.config import validate_config
+        from sdpo.logs import configure_logging
         from sdpo.stages import StageContext
 
+        configure_logging()  # no loading bars or known-harmless warnings in the step's log (SDPO_LOG_LEVEL=INFO: all)
         cfg = validate_config(self.resolved, "flow parameters")
         return StageContext.from_config(cfg, PROJECT_ROOT, source=self.config_source,
                                         parent_run_id=self.parent_run_id,
