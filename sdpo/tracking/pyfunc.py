@@ -1,8 +1,9 @@
 """A diffusers pipeline folder as an MLflow pyfunc model: prompts (and seeds) in, base64 PNG images out.
 
-The model pickles :class:`DiffusersPipelineModel` by reference, so ``sdpo.tracking.pyfunc`` must be importable
-where the model is loaded. :func:`log_pipeline_model` ships a snapshot of the ``sdpo`` package as the model's
-``code_paths`` for that: the model loads in any environment with its pinned requirements, sdpo installed or not.
+The model is logged as code (MLflow models-from-code, ``pyfunc_model.py``): nothing is pickled. That file imports
+:class:`DiffusersPipelineModel` from ``sdpo``, so :func:`log_pipeline_model` ships a snapshot of the ``sdpo``
+package as the model's ``code_paths``: the model loads in any environment with its pinned requirements, sdpo
+installed or not.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
 from sdpo.errors import ModelError
 
+MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")  # models-from-code: the class is never pickled
 DEFAULT_STEPS = 20
 DEFAULT_GUIDANCE = 1.0
 # what the model needs at load time; exact versions are taken from this environment
@@ -53,6 +55,9 @@ class DiffusersPipelineModel(mlflow.pyfunc.PythonModel):
     max_batch = 8  # images generated per pipeline call
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+        from sdpo.compat import restore_typing_patches
+
+        restore_typing_patches()
         import torch
         from diffusers import DiffusionPipeline
 
@@ -159,7 +164,7 @@ def log_pipeline_model(
     with tempfile.TemporaryDirectory(prefix="sdpo-code-") as tmp:
         return mlflow.pyfunc.log_model(
             name=name,
-            python_model=DiffusersPipelineModel(),
+            python_model=str(MODEL_CODE),
             artifacts={"pipeline": str(model_dir)},
             code_paths=[str(_sdpo_code_snapshot(Path(tmp)))],
             signature=pipeline_signature(steps, guidance_scale),
