@@ -44,19 +44,15 @@ class _PhaseClock:
 def _instrumented_step(trainer, batches, sync: Callable[[], None], step: int) -> dict[str, float]:
     """One trainer step, split into :data:`PHASES` (mirrors ``Trainer.run`` + ``_micro_step``)."""
     from sdpo.objectives import compute_objective
+    from sdpo.train.inputs import denoiser_inputs
 
     t, clock = trainer, _PhaseClock(sync)
     batch = next(batches)
     clock.lap("data_loading")
-    lat_w, lat_l, cond = t._encode(batch)
+    enc = t._encode(batch)
     clock.lap("encode")
-    n = lat_w.shape[0]
-    timesteps = t.model.sample_timesteps(n, generator=t.generator).to(lat_w.device)
-    noise = torch.randn(lat_w.shape, generator=t.generator).to(lat_w.device, lat_w.dtype)
-    noisy_w, target_w = t.model.noisy_input_and_target(lat_w, noise, timesteps)
-    noisy_l, target_l = t.model.noisy_input_and_target(lat_l, noise, timesteps)
-    noisy, t2 = torch.cat([noisy_w, noisy_l]), torch.cat([timesteps, timesteps])
-    cond2 = {k: torch.cat([v, v]) for k, v in cond.items()}
+    x = denoiser_inputs(t.model, enc)
+    noisy, t2, cond2, target_w, target_l = x.noisy, x.timesteps, x.cond, x.target_w, x.target_l
     clock.lap("noise")
     with torch.no_grad(), t._reference() as reference:
         ref_pred = t.model.predict(reference, noisy, t2, cond2)
@@ -71,7 +67,7 @@ def _instrumented_step(trainer, batches, sync: Callable[[], None], step: int) ->
         raise RuntimeError(f"benchmark step {step}: loss is {out.loss.item()}")
     t.accelerator.backward(out.loss)
     clock.lap("policy_backward")
-    t._clip_and_check(step, None)
+    t._clip_and_check(step)
     t.optimizer.step()
     t.scheduler.step()
     t.optimizer.zero_grad(set_to_none=True)
@@ -86,7 +82,7 @@ def _trainer_step(trainer, batches, step: int) -> None:
     if not torch.isfinite(out.loss):
         raise RuntimeError(f"benchmark step {step}: loss is {out.loss.item()}")
     t.accelerator.backward(out.loss)
-    t._clip_and_check(step, None)
+    t._clip_and_check(step)
     t.optimizer.step()
     t.scheduler.step()
     t.optimizer.zero_grad(set_to_none=True)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from bench.common import interleaved_timings, ratio_of_medians, summary, synchronizer
-from bench.rig import StepRig, inputs_from_batch, inputs_from_latents, sdpo_objective
+from bench.rig import StepRig, inputs_from_batch, inputs_from_encoded, sdpo_objective
 
 
 def measure(trainer, *, batches: int, rounds: int, warmup: int) -> dict[str, Any]:
@@ -32,12 +32,12 @@ def measure(trainer, *, batches: int, rounds: int, warmup: int) -> dict[str, Any
         StepRig(trainer, inputs_from_batch(trainer, next(cycle_raw))).step(objective)
 
     def cached() -> None:
-        StepRig(trainer, inputs_from_latents(trainer, *next(cycle_cached))).step(objective)
+        StepRig(trainer, inputs_from_encoded(trainer, next(cycle_cached))).step(objective)
 
     samples = interleaved_timings({"on_the_fly": on_the_fly, "cached": cached}, rounds=rounds, warmup=warmup,
                                   sync=synchronizer(trainer.accelerator.device))
     cached_vs = ratio_of_medians(samples["cached"], samples["on_the_fly"])
-    lat_w, lat_l, cond = cache[0]
+    lat_w, cond = cache[0].lat_w, cache[0].cond
     pairs = lat_w.shape[0]
     latent_bytes = 2 * lat_w[0].numel() * 2  # winner + loser, fp16
     text_bytes = sum(v[0].numel() for v in cond.values()) * 2

@@ -1,24 +1,23 @@
 """Item 3: reference handling, a frozen copy of the denoiser vs the same network with its LoRA adapters disabled.
 
 Each variant runs in a fresh Python process (``python -m bench.bench_reference --worker ...``), so its memory peak is
-its own: on CPU the peak resident set size (``ru_maxrss``) and its rise over the process after imports; on a GPU
-``torch.cuda.max_memory_allocated``. Step time is the median of full training steps (DPO + pair safeguard) on a
-fixed batch. Note that the two variants also differ in what is trained: LoRA trains only the adapters (smaller
-gradients and optimizer state), which is the point of using it.
+its own: on CPU the peak resident set size (``VmHWM``, :func:`bench.common.peak_rss_mib`) and its rise over the
+process after imports; on a GPU ``torch.cuda.max_memory_allocated``. Step time is the median of full training steps
+(DPO + pair safeguard) on a fixed batch. Note that the two variants also differ in what is trained: LoRA trains
+only the adapters (smaller gradients and optimizer state), which is the point of using it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench.common import median
+from bench.common import median, peak_rss_mib
 
 VARIANTS = ("frozen_copy", "lora_disabled")
 
@@ -56,7 +55,7 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
         "step_s": samples["step"],
         "trainable_params": sum(p.numel() for p in denoiser.parameters() if p.requires_grad),
         "denoiser_params": sum(p.numel() for p in denoiser.parameters()),
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
+        "peak_rss_mib": peak_rss_mib(),
         "rss_after_imports_mib": rss_after_imports / 2**20,
     }
     result["peak_rss_rise_mib"] = result["peak_rss_mib"] - result["rss_after_imports_mib"]

@@ -4,8 +4,8 @@
 reference, optimizer, scheduler) and does what ``Trainer.run`` does for one micro-batch after encoding: reference
 forward (no grad), policy forward, objective, finiteness check, backward, gradient clipping, optimizer and scheduler
 step. The forwards and the objective run under ``accelerator.autocast()`` (bf16 when the trainer is set up with
-``mixed_precision=bf16``; a no-op otherwise). Inputs (noised latents, timesteps, conditioning) are drawn once, as
-``Trainer._micro_step`` draws them, so every variant sees the same batch and seed.
+``mixed_precision=bf16``; a no-op otherwise). Inputs (noised latents, timesteps, conditioning) are drawn once, by the
+trainer's own ``_encode`` and :func:`sdpo.train.inputs.denoiser_inputs`, so every variant sees the same batch and seed.
 """
 
 from __future__ import annotations
@@ -38,26 +38,19 @@ class StepInputs:
         return self.target_w.shape[0]
 
 
-def inputs_from_latents(trainer, lat_w: torch.Tensor, lat_l: torch.Tensor, cond: dict[str, torch.Tensor]) -> StepInputs:
-    """Timesteps, shared noise, noised inputs and targets, exactly as ``Trainer._micro_step`` draws them."""
-    model = trainer.model
-    timesteps = model.sample_timesteps(lat_w.shape[0], generator=trainer.generator).to(lat_w.device)
-    noise = torch.randn(lat_w.shape, generator=trainer.generator).to(lat_w.device, lat_w.dtype)
-    noisy_w, target_w = model.noisy_input_and_target(lat_w, noise, timesteps)
-    noisy_l, target_l = model.noisy_input_and_target(lat_l, noise, timesteps)
-    return StepInputs(
-        noisy=torch.cat([noisy_w, noisy_l]),
-        timesteps=torch.cat([timesteps, timesteps]),
-        cond={k: torch.cat([v, v]) for k, v in cond.items()},
-        target_w=target_w,
-        target_l=target_l,
-    )
+def inputs_from_encoded(trainer, enc) -> StepInputs:
+    """Noised inputs and targets of an encoded batch (:class:`sdpo.train.inputs.Encoded`), through the trainer's
+    own :func:`sdpo.train.inputs.denoiser_inputs` (the pair's own timestep and shared noise)."""
+    from sdpo.train.inputs import denoiser_inputs
+
+    x = denoiser_inputs(trainer.model, enc)
+    return StepInputs(noisy=x.noisy, timesteps=x.timesteps, cond=x.cond, target_w=x.target_w, target_l=x.target_l)
 
 
 def inputs_from_batch(trainer, batch: dict) -> StepInputs:
-    """Encode a loader batch (VAE + text encoder, as the trainer does) and draw the step's noise."""
-    lat_w, lat_l, cond = trainer._encode(batch)
-    return inputs_from_latents(trainer, lat_w, lat_l, cond)
+    """Encode a loader batch as the trainer does (``Trainer._encode``: VAE + text encoder, or the latent cache) and
+    noise it."""
+    return inputs_from_encoded(trainer, trainer._encode(batch))
 
 
 def first_batch_inputs(trainer) -> StepInputs:
@@ -123,7 +116,7 @@ class StepRig:
         if not torch.isfinite(loss):
             raise RuntimeError(f"benchmark step {self.steps}: loss is {loss.item()}")
         t.accelerator.backward(loss)
-        t._clip_and_check(self.steps, None)
+        t._clip_and_check(self.steps)
         t.optimizer.step()
         t.scheduler.step()
         t.optimizer.zero_grad(set_to_none=True)
