@@ -1,6 +1,7 @@
 """``python -m bench ITEM [--quick] [--out FILE.json]``: run benchmark items, print tables, write JSON.
 
-Items: overhead (1), breakdown (2), reference (3), cache (4), ingest (5), orchestration (6), models (7), or all.
+Items: overhead (1), breakdown (2), reference (3), cache (4), ingest (5), orchestration (6), models (7), modes (8:
+live encoders and reference vs the latent cache vs the cache with precomputed reference errors), or all.
 The GPU items run through ``bench/gpu.sh`` (bench/gpu.py). bench/README.md explains every figure.
 """
 
@@ -22,7 +23,7 @@ for _name, _value in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("
 from bench.common import flat_figures, format_table, machine_info, timed_section, write_json  # noqa: E402
 
 SCHEMA = "sdpo-bench/1"
-ITEMS = ("overhead", "breakdown", "reference", "cache", "ingest", "orchestration", "models")
+ITEMS = ("overhead", "breakdown", "reference", "cache", "ingest", "orchestration", "models", "modes")
 SKIPPABLE = (*ITEMS, "sd15")
 
 
@@ -45,6 +46,11 @@ def _runner(item: str, args: argparse.Namespace) -> Callable[[dict], None]:
         from bench import bench_orchestration
 
         return lambda results: bench_orchestration.run(results, args.quick, threads=args.threads)
+    if item == "modes":
+        from bench import bench_modes
+
+        return lambda results: bench_modes.run(results, args.quick, threads=args.threads,
+                                               sizes=tuple(args.size) if args.size else None)
     if item == "models":
         from bench import bench_models
 
@@ -67,6 +73,11 @@ HEADLINES: tuple[tuple[str, str], ...] = (
     ("ingest.ingest_workers_2_vs_1", "ingest pairs/s, 2 workers / 1"),
     ("orchestration.ratio_flow_vs_library", "flow wall time / direct library calls"),
     ("models.sd15_shaped.ratio_sdpo_pair_vs_dpo", "SD1.5-shaped UNet: ours / plain DPO (CPU, indicative)"),
+    *((f"modes.{size}.{key}", f"{size}: {meaning}") for size in ("tiny", "toy", "sd15-512-truncated")
+      for key, meaning in (("step_time_cached_vs_live", "step time, cached / live encoders + reference"),
+                           ("step_time_precomputed_vs_live", "step time, cache + precomputed reference / live"),
+                           ("peak_rise_precomputed_vs_live", "peak memory rise, cache + precomputed / live"),
+                           ("reference_in_memory_precomputed", "reference weights in memory with precomputed errors"))),
 )
 
 
@@ -105,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip", action="append", default=[], choices=SKIPPABLE, metavar="ITEM",
                         help=f"with 'all': leave out an item ({', '.join(SKIPPABLE)}; sd15 = the SD1.5-shaped "
                              "UNet of 'models'); repeatable")
+    parser.add_argument("--size", action="append", default=[], metavar="SIZE",
+                        help="item 'modes': which sizes (tiny, toy, sd15-512-truncated; default: toy and "
+                             "sd15-512-truncated, --quick: tiny); repeatable")
     args = parser.parse_args(argv)
 
     import torch

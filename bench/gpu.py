@@ -7,12 +7,17 @@ Writes ``OUTDIR/gpu.json``:
 - ``mfu``: model FLOPs of one training step (``torch.utils.flop_counter.FlopCounterMode``: reference forward,
   policy forward and backward) per second of the median step, over the card's dense bf16 peak (null when the card
   is not in :data:`PEAK_BF16_TFLOPS`);
-- ``reference_autocast``: the trainer's frozen-copy reference forward as it runs today (outside autocast, so fp32)
-  over the same forward under autocast;
+- ``reference_autocast``: the frozen-copy reference forward outside autocast (fp32, what the trainer did before
+  ``sdpo.train.reference.forward_context``) over the same forward under autocast (what it does now);
 - ``breakdown`` (item 2), ``reference`` (item 3: frozen copy vs LoRA, CUDA peak memory per fresh process),
-  ``cache`` (item 4).
+  ``cache`` (item 4);
+- ``modes`` (item 8, bench/bench_modes.py): live VAE + text encoders + reference vs the latent cache vs the cache
+  with precomputed reference errors, at SD1.5 (512 px, AdamW) and SDXL (1024 px, Adafactor + gradient
+  checkpointing) shapes with their real configurations (random weights) in bf16: step time, CUDA peak per fresh
+  process, the ratios to ``live``, and MFU per mode (``modes.<size>.<mode>.mfu``).
 
-``--cpu-smoke`` runs the same code path on CPU with the tiny SD1.5 test pipeline (32 px) and 2 rounds.
+``--cpu-smoke`` runs the same code path on CPU with the tiny SD1.5 (and, for ``modes``, SDXL) test pipelines
+(32 px) and 1-2 rounds.
 Items that would start after ``--budget-s`` are recorded as not measured instead.
 """
 
@@ -40,7 +45,11 @@ PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
     (r"\bL4\b", 121.0),
     (r"A10G", 125.0),
 )
-RESULT_KEYS = ("machine", "settings", "overhead", "mfu", "reference_autocast", "breakdown", "reference", "cache")
+RESULT_KEYS = ("machine", "settings", "overhead", "mfu", "reference_autocast", "breakdown", "reference", "cache",
+               "modes")
+# item 8 on the GPU: size -> (optimizer, gradient checkpointing), as the recipes train them
+GPU_MODES = {"sd15-512": ("adamw", False), "sdxl-1024": ("adafactor", True)}
+SMOKE_MODES = {"tiny": ("adamw", False), "tiny-sdxl": ("adafactor", True)}
 
 
 def peak_bf16_tflops(device_name: str) -> float | None:
@@ -77,7 +86,8 @@ def mfu(trainer, step_s: float, device_name: str) -> dict[str, Any]:
 
 
 def reference_autocast(trainer, *, rounds: int) -> dict[str, Any]:
-    """The frozen reference's forward outside autocast (what ``Trainer._micro_step`` does) vs inside it."""
+    """The frozen reference's forward outside autocast (fp32: what the trainer did before its reference forward ran
+    under ``sdpo.train.reference.forward_context``) vs inside it (what it does now): the cost that change saved."""
     import torch
 
     from bench.common import interleaved_timings, median, synchronizer
@@ -104,10 +114,35 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     if args.cpu_smoke:
         return {"model": "tiny-sd15", "pairs": 2, "rounds": 2, "warmup": 0, "objective_rounds": 3,
                 "breakdown_steps": 2, "cache_rounds": 2, "reference_steps": 2, "dataloader_workers": (0,),
-                "shard_pairs": 8, "threads": 1}
+                "shard_pairs": 8, "threads": 1, "modes_sizes": SMOKE_MODES, "modes_rounds": 1, "modes_warmup": 0}
     return {"model": "sd15-shaped-512", "pairs": args.pairs, "rounds": args.rounds, "warmup": 3,
             "objective_rounds": 100, "breakdown_steps": 10, "cache_rounds": 10, "reference_steps": 8,
-            "dataloader_workers": (0, 4), "shard_pairs": 16 * args.pairs, "threads": 4}
+            "dataloader_workers": (0, 4), "shard_pairs": 16 * args.pairs, "threads": 4, "modes_sizes": GPU_MODES,
+            "modes_rounds": 5, "modes_warmup": 1}
+
+
+def modes(settings: dict[str, Any], work: Path, device_name: str, over_budget) -> dict[str, Any]:
+    """Item 8 at each size of ``settings["modes_sizes"]`` in bf16, with MFU per mode."""
+    from bench import bench_modes
+
+    peak = peak_bf16_tflops(device_name)
+    out: dict[str, Any] = {}
+    for size, (optimizer, checkpointing) in settings["modes_sizes"].items():
+        if over_budget(f"modes.{size}"):
+            out[size] = {"measured": False, "reason": "not measured: time budget spent"}
+            continue
+        ws = bench_modes.workspace_for(size, work / f"modes-{size}", pairs=2 * settings["pairs"])
+        result = bench_modes.measure(ws, pairs=settings["pairs"], rounds=settings["modes_rounds"],
+                                     warmup=settings["modes_warmup"], threads=settings["threads"],
+                                     mixed_precision="bf16", optimizer=optimizer,
+                                     gradient_checkpointing=checkpointing, count_flops=True)
+        for mode in bench_modes.MODES:
+            this = result[mode]
+            achieved = this["step_flops"] / this["step_s_median"] / 1e12
+            this["achieved_tflops"] = achieved
+            this["mfu"] = achieved / peak if peak else None
+        out[size] = result
+    return out
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -128,9 +163,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     def over_budget(item: str) -> bool:
         if time.perf_counter() - started <= args.budget_s:
             return False
-        report[item] = {"measured": False, "reason": f"not measured: time budget of {args.budget_s} s spent"}
+        if "." not in item:
+            report[item] = {"measured": False, "reason": f"not measured: time budget of {args.budget_s} s spent"}
         return True
 
+    if args.modes_only:
+        with tempfile.TemporaryDirectory(prefix="bench-gpu-") as tmp:
+            report["modes"] = modes(settings, Path(tmp), device_name, over_budget)
+        report["wall_s"] = round(time.perf_counter() - started, 1)
+        return report
     with tempfile.TemporaryDirectory(prefix="bench-gpu-") as tmp:
         work = Path(tmp)
         if args.cpu_smoke:
@@ -162,6 +203,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             report["reference"] = bench_reference.measure(
                 ws, work, pairs=settings["pairs"], steps=settings["reference_steps"], warmup=1, repeats=1,
                 threads=settings["threads"], mixed_precision="bf16")
+        if not over_budget("modes"):
+            report["modes"] = modes(settings, work, device_name, over_budget)
     report["wall_s"] = round(time.perf_counter() - started, 1)
     return report
 
@@ -175,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=20, help="interleaved rounds for item 1 (default 20)")
     parser.add_argument("--budget-s", type=float, default=420.0,
                         help="seconds after which remaining items are skipped (default 420, to end within 8 min)")
+    parser.add_argument("--modes-only", action="store_true",
+                        help="run only item 8 (modes: live / cached / precomputed reference at SD1.5 and SDXL shapes)")
     args = parser.parse_args(argv)
 
     from bench.common import flat_figures, format_table, write_json

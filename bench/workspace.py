@@ -36,6 +36,42 @@ CLIP_L_TEXT: dict[str, Any] = {
     "num_attention_heads": 12,
     "hidden_act": "quick_gelu",
 }
+# SD1.5's UNet cut to its first level (SD1.5's width 320, one resnet per block, no attention, no mid block): the
+# stack that fits a CPU step at 64x64 latents, with the real first convolution widths
+SD15_UNET_TRUNCATED: dict[str, Any] = {
+    **SD15_UNET,
+    "block_out_channels": (320,),
+    "layers_per_block": 1,
+    "down_block_types": ("DownBlock2D",),
+    "up_block_types": ("UpBlock2D",),
+    "mid_block_type": None,
+}
+CLIP_VOCAB_SIZE = 49408  # CLIP's real vocabulary (the embedding table's size; the test tokenizer uses a few ids)
+# SDXL base 1.0: UNet, VAE (SD's layout, scaling 0.13025), CLIP ViT-L and OpenCLIP ViT-bigG text encoders
+SDXL_UNET: dict[str, Any] = {
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": (320, 640, 1280),
+    "layers_per_block": 2,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "transformer_layers_per_block": (1, 2, 10),
+    "attention_head_dim": (5, 10, 20),
+    "cross_attention_dim": 2048,
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,
+}
+SDXL_VAE: dict[str, Any] = {**SD15_VAE, "scaling_factor": 0.13025}
+CLIP_BIGG_TEXT: dict[str, Any] = {
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 20,
+    "hidden_act": "gelu",
+    "projection_dim": 1280,
+}
 _SD_BETAS = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
 
 
@@ -191,3 +227,76 @@ def release(trainer) -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def _clip_text_config(tokenizer, **config: Any):
+    from transformers import CLIPTextConfig
+
+    from sdpo.models.tiny_text import CLIP_MAX_LENGTH
+
+    return CLIPTextConfig(vocab_size=CLIP_VOCAB_SIZE, max_position_embeddings=CLIP_MAX_LENGTH,
+                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                          pad_token_id=tokenizer.pad_token_id, **config)
+
+
+def sd15_encoders_workspace(root: Path, *, pairs: int, unet: str = "truncated", seed: int = 0) -> Workspace:
+    """SD1.5's real VAE and CLIP ViT-L text encoder configurations at 512 px (random weights) with its full UNet
+    (``unet="full"``, ~860M parameters) or :data:`SD15_UNET_TRUNCATED` (``"truncated"``, what fits a CPU)."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from sdpo.data.synthetic import VOCABULARY
+    from sdpo.models.tiny_text import build_clip_tokenizer
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        tokenizer = build_clip_tokenizer(VOCABULARY)
+        pipeline = StableDiffusionPipeline(
+            vae=AutoencoderKL(**SD15_VAE, sample_size=512),
+            text_encoder=CLIPTextModel(_clip_text_config(tokenizer, **CLIP_L_TEXT)).eval(),
+            tokenizer=tokenizer,
+            unet=UNet2DConditionModel(**(SD15_UNET if unet == "full" else SD15_UNET_TRUNCATED), sample_size=64),
+            scheduler=DDIMScheduler(**_SD_BETAS, clip_sample=False, set_alpha_to_one=False, steps_offset=1),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+    model_dir = root / f"model-sd15-512-{unet}"
+    pipeline.save_pretrained(model_dir)
+    del pipeline
+    shards = make_shards(root / "data-512", pairs=pairs, resolution=512)
+    what = "full SD1.5 UNet" if unet == "full" else "SD1.5 UNet truncated to its first level (320 wide, no attention)"
+    return Workspace(root, model_dir, shards, 512, "sd15",
+                     f"SD1.5 VAE + CLIP ViT-L configurations at 512 px (64x64 latents), {what}, random weights")
+
+
+def sdxl_workspace(root: Path, *, pairs: int, seed: int = 0) -> Workspace:
+    """SDXL base 1.0's configurations (UNet ~2.6B parameters, VAE, CLIP ViT-L + OpenCLIP bigG) at 1024 px."""
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from sdpo.data.synthetic import VOCABULARY
+    from sdpo.models.tiny_text import build_clip_tokenizer
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        tokenizer = build_clip_tokenizer(VOCABULARY)
+        tokenizer_2 = build_clip_tokenizer(VOCABULARY, pad_token="!")
+        pipeline = StableDiffusionXLPipeline(
+            vae=AutoencoderKL(**SDXL_VAE, sample_size=1024),
+            text_encoder=CLIPTextModel(_clip_text_config(tokenizer, **CLIP_L_TEXT)).eval(),
+            text_encoder_2=CLIPTextModelWithProjection(_clip_text_config(tokenizer_2, **CLIP_BIGG_TEXT)).eval(),
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer_2,
+            unet=UNet2DConditionModel(**SDXL_UNET, sample_size=128),
+            scheduler=EulerDiscreteScheduler(**_SD_BETAS, steps_offset=1, timestep_spacing="leading"),
+            force_zeros_for_empty_prompt=True,
+            add_watermarker=False,
+        )
+    model_dir = root / "model-sdxl-1024"
+    pipeline.save_pretrained(model_dir)
+    del pipeline
+    shards = make_shards(root / "data-1024", pairs=pairs, resolution=1024)
+    return Workspace(root, model_dir, shards, 1024, "sdxl",
+                     "SDXL base configurations (UNet, VAE, CLIP ViT-L + OpenCLIP bigG) at 1024 px (128x128 latents), "
+                     "random weights")

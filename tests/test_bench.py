@@ -1,6 +1,7 @@
 """The benchmark suite runs end to end and its baseline is a faithful implementation (no timing assertions)."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ if str(ROOT) not in sys.path:  # bench/ is a folder of the repository, not an in
     sys.path.insert(0, str(ROOT))
 
 from bench import bench_orchestration  # noqa: E402
+from bench.bench_modes import MODES  # noqa: E402
 from bench.common import interleaved_timings, ratio_of_medians  # noqa: E402
 from bench.gpu import RESULT_KEYS, peak_bf16_tflops  # noqa: E402
 from bench.reference_safeguard import autograd_batch_lambda, reference_dpo_loss  # noqa: E402
@@ -105,7 +107,7 @@ def test_orchestration_without_a_flow_says_so(tmp_path, monkeypatch):
 
 def test_gpu_script_cpu_smoke_writes_documented_keys(tmp_path):
     done = subprocess.run([str(ROOT / "bench" / "gpu.sh"), str(tmp_path / "out"), "--cpu-smoke"], cwd=tmp_path,
-                          env=_env(), capture_output=True, text=True, timeout=300, check=False)
+                          env=_env(), capture_output=True, text=True, timeout=900, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((tmp_path / "out" / "gpu.json").read_text())
     assert set(RESULT_KEYS) <= set(report)
@@ -121,6 +123,41 @@ def test_gpu_script_cpu_smoke_writes_documented_keys(tmp_path):
     assert reference["lora_disabled"]["trainable_params"] < reference["frozen_copy"]["trainable_params"]
     assert reference["frozen_copy"]["peak_rss_mib"] > 0
     assert report["cache"]["ratio_cached_vs_on_the_fly"] > 0
+    # item 8 at the tiny SD1.5 (AdamW) and SDXL (Adafactor + gradient checkpointing) shapes, with MFU per mode
+    for size in ("tiny", "tiny-sdxl"):
+        modes = report["modes"][size]
+        _check_modes(modes)
+        for mode in MODES:
+            assert modes[mode]["step_flops"] > 0 and modes[mode]["achieved_tflops"] > 0
+            assert modes[mode]["mfu"] is None  # no peak for a CPU
+    assert report["modes"]["tiny-sdxl"]["gradient_checkpointing"] is True
+
+
+def _check_modes(modes: dict) -> None:
+    """The documented keys of one size of item 8, ratios positive and finite, and what is in memory per mode."""
+    for key in ("step_time_cached_vs_live", "step_time_precomputed_vs_live", "peak_rise_cached_vs_live",
+                "peak_rise_precomputed_vs_live"):
+        assert math.isfinite(modes[key]) and modes[key] > 0, key
+    assert modes["encode_s"] > 0 and modes["cache_pairs"] > 0
+    for mode in MODES:
+        assert modes[mode]["step_s_median"] > 0 and modes[mode]["peak_rss_mib"] > 0
+        assert modes[mode]["params"]["denoiser"] > 0
+    live, cached, precomputed = (modes[mode] for mode in MODES)
+    assert live["encoders_in_memory"] and live["params"]["encoders"] > 0 and live["reference_in_memory"]
+    assert not cached["encoders_in_memory"] and cached["reference_in_memory"]
+    assert not precomputed["encoders_in_memory"] and not precomputed["reference_in_memory"]
+    assert precomputed["params"]["reference"] == 0 and precomputed["precomputed_reference"]
+    assert modes["reference_in_memory_precomputed"] is False
+
+
+def test_modes_quick_writes_documented_keys(tmp_path):
+    out = tmp_path / "modes.json"
+    done = subprocess.run([sys.executable, "-m", "bench", "modes", "--quick", "--out", str(out)], cwd=ROOT,
+                          env=_env(), capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    _check_modes(report["results"]["modes"]["tiny"])
+    assert "modes.tiny.step_time_precomputed_vs_live" in done.stdout
 
 
 def test_overhead_quick_writes_ratio_keys(tmp_path):
