@@ -32,7 +32,8 @@ def images() -> list:
 
 
 def test_registry_names() -> None:
-    assert reward_names() == ["aesthetic", "clip", "hpsv2", "imagereward", "pickscore", "synthetic"]
+    assert reward_names() == ["aesthetic", "alignment", "clip", "hpsv2", "imagereward", "pickscore", "preference",
+                              "synthetic"]
 
 
 def test_pickscore_is_scaled_cosine(tiny_clip, images) -> None:
