@@ -31,7 +31,8 @@ def test_metaflow_first_then_the_logged_model_loads_and_generates(tiny_sd15, tmp
     store, before = f"sqlite:///{tmp_path / 'mlflow.db'}", mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(store)
     try:
-        with mlflow.start_run():
+        experiment = mlflow.create_experiment("import-order")  # an active experiment of another store is unknown here
+        with mlflow.start_run(experiment_id=experiment):
             info = log_pipeline_model(str(tiny_sd15), steps=1)
     finally:
         mlflow.set_tracking_uri(before)

@@ -79,6 +79,16 @@ def test_recipe_loads_with_the_papers_numbers(name):
         assert "UNVERIFIED" in text.upper() and "ours" in text.lower()
 
 
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """Each recipe sets its own mixed precision; accelerate keeps one process-wide state unless it is reset."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> dict[str, Path]:
     """One tiny model per family (32 px) and 32 px train shards, shared by every recipe of the module."""
