@@ -18,6 +18,7 @@ from PIL import Image
 from sdpo.errors import ModelError
 from sdpo.eval.rewards.clip_embed import ClipEmbedder, load_clip_processing, pick_device
 from sdpo.eval.rewards.open_clip_convert import open_clip_to_transformers
+from sdpo.eval.rewards.weights import read_state_dict
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".safetensors", ".bin")
 
@@ -49,19 +50,7 @@ def find_checkpoint(path: Path) -> Path:
 
 def read_open_clip_state(path: Path) -> dict[str, torch.Tensor]:
     """Tensors of an open_clip checkpoint (``weights_only`` torch.load, or safetensors)."""
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(path)
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch.load and safetensors raise many types for corrupt or foreign files
-        raise ModelError(f"{path}: cannot read the HPS v2 checkpoint: {err}") from err
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise ModelError(f"{path}: expected a state dict, got {type(state).__name__}")
-    return state
+    return read_state_dict(path, "HPS v2")
 
 
 def clip_from_open_clip(checkpoint: Path, config_path: Path):

@@ -37,6 +37,7 @@ from sdpo.eval.rewards.imagereward_convert import (
     text_config_from_med,
     vision_config_from_state,
 )
+from sdpo.eval.rewards.weights import read_state_dict
 
 # ImageReward.__init__: standardisation of the MLP output.
 REWARD_MEAN = 0.16717362830052426
@@ -179,19 +180,7 @@ def find_checkpoint(path: Path) -> Path:
 
 def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     """Tensors of an ImageReward checkpoint: ``weights_only`` torch.load (never unpickles code), or safetensors."""
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(path)
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch.load and safetensors raise many types for corrupt or foreign files
-        raise ModelError(f"{path}: cannot read the ImageReward checkpoint: {err}") from err
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise ModelError(f"{path}: expected a state dict, got {type(state).__name__}")
-    return state
+    return read_state_dict(path, "ImageReward")
 
 
 def load_tokenizer(folder: Path, vocab_size: int):

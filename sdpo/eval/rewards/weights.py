@@ -101,3 +101,25 @@ def resolve_weights(name: str, location: str | None, sha256: str | None = None, 
                 f"the {'folder' if path.is_dir() else 'file'} has {actual}"
             )
     return path
+
+
+def read_state_dict(path: Path, what: str) -> dict:
+    """Tensors of a checkpoint file: ``weights_only`` torch.load (never unpickles code) or safetensors.
+
+    A ``{"state_dict": {...}}`` wrapper is unwrapped; ``what`` names the checkpoint in errors.
+    """
+    import torch
+
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(path)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch.load and safetensors raise many types for corrupt or foreign files
+        raise ModelError(f"{path}: cannot read the {what} checkpoint: {err}") from err
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ModelError(f"{path}: expected a state dict, got {type(state).__name__}")
+    return state
