@@ -1,4 +1,4 @@
-"""SDPOFlow: ingest -> base -> encode -> train (one branch per arm) -> evaluate -> compare -> register.
+"""SDPOFlow: ingest -> base -> encode (+ rewards) -> train (one branch per arm) -> evaluate -> compare -> register.
 
 Every step is one call into :mod:`sdpo.stages`, the same functions the ``sdpo`` commands and ``dvc.yaml`` run.
 Steps share nothing but the run layout's root (``data.root``: a local folder or ``s3://bucket/prefix``) and small
@@ -131,13 +131,15 @@ class SDPOFlow(FlowSpec):
     @retry(times=1)
     @step
     def encode(self):
-        """With ``train.cache``: VAE latents and text embeddings of each split, once for every arm (else nothing)."""
+        """What every arm shares before training: with ``train.cache`` the VAE latents and text embeddings of each
+        split; the reward models the evaluation trains itself (the embedded preference reward)."""
         from sdpo import stages
         from sdpo.runtime import isolated_scratch
 
         self.caches = {}
         with isolated_scratch():
             ctx = self._ctx()
+            self.trained_rewards = stages.rewards(ctx)
             if ctx.cfg.train.cache:
                 self.caches = {split: stages.encode(ctx, split, base=self.base_model)
                                for split in stages.cached_splits(ctx)}

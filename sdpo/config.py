@@ -203,6 +203,15 @@ class TrainConfig(_Section):
         return self.model_copy(update=overrides)
 
 
+class PreferenceModelConfig(_Section):
+    """The embedded learned reward ``preference`` (toy PickScore), trained on the train pairs by the rewards stage."""
+
+    steps: int = Field(300, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    seed: int = 0
+
+
 class EvalConfig(_Section):
     prompts: str = "heldout"  # "heldout" (synthetic held-out prompts) or a text file, one prompt a line
     seeds_per_prompt: int = Field(16, ge=1)
@@ -211,17 +220,19 @@ class EvalConfig(_Section):
     num_inference_steps: int = Field(20, ge=1)
     guidance_scale: float = Field(1.0, ge=0)  # diffusers convention: 1.0 = no classifier-free guidance
     batch_size: int = Field(32, ge=1)
-    rewards: list[str] = ["synthetic"]
+    # the judge (synthetic) labelled the data; alignment and preference did not (see params.yaml)
+    rewards: list[str] = ["preference", "alignment", "synthetic"]
     reward_paths: dict[str, str] = {}  # reward name -> local folder or URI of its weights
     reward_sha256: dict[str, str] = {}
     bootstrap_samples: int = Field(1000, ge=10)
     heldout_pairs: int = Field(64, ge=1)
+    preference_model: PreferenceModelConfig = PreferenceModelConfig()
 
 
 class RegistryConfig(_Section):
     experiment: str = "sdpo"
     model_name: str = "sdpo-toy"
-    primary_reward: str = "synthetic"
+    primary_reward: str = "preference"
     min_win_rate_lower: float = Field(0.5, ge=0, le=1)
     # guard metric -> largest allowed regression (candidate worse than champion by more than this blocks promotion)
     guards: dict[str, float] = {"heldout_winner_delta": 0.002}
@@ -239,6 +250,11 @@ class Config(_Section):
     @classmethod
     def _empty_section(cls, value: Any) -> Any:
         return {} if value is None else value
+
+    def trains_reward(self, name: str) -> bool:
+        """Whether the pipeline trains reward ``name`` itself (the rewards stage): the embedded preference model
+        of the synthetic world, when no weights are configured for it."""
+        return name == "preference" and name not in self.eval.reward_paths and not self.data.input
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:
@@ -258,10 +274,11 @@ class Config(_Section):
             if stray:
                 problems.append(f"eval.{section}: unknown reward(s) {stray}; known: {sorted(REWARDS)}")
         missing = [name for name in rewards if name in REWARDS and needs_weights(name)
-                   and name not in self.eval.reward_paths]
+                   and name not in self.eval.reward_paths and not self.trains_reward(name)]
         if missing:
             problems.append(f"eval.reward_paths: no weights for {missing} (set eval.reward_paths.<name> to a folder "
-                            "or URI; nothing is downloaded)")
+                            "or URI; nothing is downloaded; the pipeline trains the embedded 'preference' reward "
+                            "only for the synthetic world, data.input empty)")
         if self.registry.primary_reward not in rewards:
             problems.append(f"registry.primary_reward: {self.registry.primary_reward!r} is not one of eval.rewards "
                             f"{rewards}")

@@ -1,8 +1,8 @@
 """Experiments: every arm over several seeds of the whole pipeline, summarised with intervals across seeds.
 
 ``sdpo experiment --name NAME --seeds 0 1 2`` runs, for each seed, a complete run (synth -> ingest -> base ->
-[encode] -> train(arm) -> evaluate(arm) -> compare(arm), the stage functions of :mod:`sdpo.stages`) under its own run
-root ``ROOT/experiments/NAME/seed-<s>/``, then writes beside those folders:
+[encode] -> [rewards] -> train(arm) -> evaluate(arm) -> compare(arm), the stage functions of :mod:`sdpo.stages`)
+under its own run root ``ROOT/experiments/NAME/seed-<s>/``, then writes beside those folders:
 
 * ``results.csv`` (long format, one row per table x metric x arm [x baseline]), ``results.md`` (Markdown tables),
   ``curves.csv`` (per seed, arm and step: the held-out deltas and the safeguard's lambda statistics),
@@ -241,14 +241,19 @@ def run_seed(ctx: Any, arms: Sequence[str], *, log: Callable[[str], None] = prin
             if upstream or not _marker(layout.cache(split), stages.MANIFEST):
                 step(f"encode:{split}", lambda split=split: stages.encode(ctx, split))
                 upstream = True
-    base_eval = upstream or not _marker(layout.evals(BASE_ARM), stages.EVAL_MARKER)
+    trained_rewards = stages.trained_rewards(ctx)
+    rescore = bool(trained_rewards) and (upstream or not all(
+        _marker(layout.reward_model(name), stages.PREFERENCE_MARKER) for name in trained_rewards))
+    if rescore:  # a new reward model: every evaluation is scored again, no arm is trained again
+        step("rewards", lambda: stages.rewards(ctx))
+    base_eval = upstream or rescore or not _marker(layout.evals(BASE_ARM), stages.EVAL_MARKER)
     if base_eval:
         step(f"evaluate:{BASE_ARM}", lambda: stages.evaluate(ctx, BASE_ARM))
     for arm in arms:
         trained = upstream or not _marker(layout.model(arm), stages.MODEL_MARKER)
         if trained:
             step(f"train:{arm}", lambda arm=arm: stages.train(ctx, arm, resume=not upstream, overwrite=upstream))
-        evaluated = trained or not _marker(layout.evals(arm), stages.EVAL_MARKER)
+        evaluated = trained or rescore or not _marker(layout.evals(arm), stages.EVAL_MARKER)
         if evaluated:
             step(f"evaluate:{arm}", lambda arm=arm: stages.evaluate(ctx, arm))
         if evaluated or base_eval or not fs.exists(layout.compare_report(arm)):

@@ -12,6 +12,8 @@ The flow, the stages and ``dvc.yaml`` use these paths and nothing else (``tests/
     ROOT/models/base/                   base.json (which base, its digest) and model/ for a built base
     ROOT/models/<arm>/                  model/, checkpoints/step-N/, metrics.jsonl, heldout.jsonl,
                                         training_summary.json, train_curve.json, heldout_curve.json
+    ROOT/rewards/<name>/                a reward model the pipeline trains (the embedded `preference` scorer):
+                                        model.safetensors, config.json (written last)
     ROOT/evals/<arm>/                   images/, scores.jsonl, manifest.json, grid.png, metrics.json (written last)
     ROOT/reports/                       compare-<arm>.json, registry.json, promotion.json, summary.json
     ROOT/experiments/<name>/            `sdpo experiment`: seed-<s>/ (a whole run layout per seed), results.csv,
@@ -104,6 +106,10 @@ class RunLayout:
         return join(self.train_dir(arm), name)
 
     # --- evaluation and reports ---------------------------------------------------------------------------
+
+    def reward_model(self, name: str) -> str:
+        """A reward model trained by the pipeline (the rewards stage), e.g. the embedded ``preference`` scorer."""
+        return self.path("rewards", _name("reward", name))
 
     def evals(self, arm: str) -> str:
         return self.path("evals", _name("arm", arm))

@@ -2,6 +2,7 @@
 
     synth -> ingest -> base -> [encode(split)] -> train(arm) -> evaluate(arm) -> compare(arm) -> register(arm)
           -> promote(arm)
+    ingest -> rewards -> evaluate(arm)   (rewards: the embedded preference reward, trained on the train pairs)
 
 (``encode`` runs when ``train.cache`` is on: the latent cache of each split, and with ``train.precompute_reference``
 the reference errors every arm shares.)
@@ -228,6 +229,61 @@ def base_uri(ctx: StageContext) -> str:
     return fs.read_json(record)["uri"]
 
 
+# --- rewards the pipeline trains ----------------------------------------------------------------------------
+
+PREFERENCE_MARKER = "config.json"
+
+
+def trained_rewards(ctx: StageContext) -> list[str]:
+    """The rewards of ``eval.rewards`` that the rewards stage trains (no weights configured for them)."""
+    return [name for name in ctx.cfg.eval.rewards if ctx.cfg.trains_reward(name)]
+
+
+@writes("rewards", lambda ctx, *_, **__: ctx.layout.reward_model("preference"))
+def preference_reward(ctx: StageContext) -> dict[str, Any]:
+    """Train the embedded ``preference`` reward on the train shards only; publish ``layout.reward_model``.
+
+    The toy counterpart of PickScore: a small image-text scorer fitted Bradley-Terry to which image won, never to
+    the judge that labelled the pairs (:mod:`sdpo.eval.rewards.preference`). Logged as the MLflow run
+    ``reward-preference`` with the digest of the pairs it saw. Returns ``{"uri", "data_digest", "train_accuracy"}``.
+    """
+    from sdpo.eval.rewards.preference import read_preference_config, train_preference_model
+
+    pm, target = ctx.cfg.eval.preference_model, ctx.layout.reward_model("preference")
+    with fs.local_copy(ctx.layout.shards("train"), marker=MANIFEST) as shards, fs.scratch("sdpo-reward-") as tmp:
+        folder = train_preference_model(shards, tmp / "preference", seed=pm.seed, steps=pm.steps,
+                                        batch_size=pm.batch_size, lr=pm.lr)
+        training = read_preference_config(folder).training
+        with _mlflow_run(ctx, "reward-preference", reward="preference") as run:
+            import mlflow
+
+            mlflow.log_params({f"preference.{k}": v for k, v in pm.model_dump().items()})
+            mlflow.log_metrics({"train_accuracy": training["train_accuracy"], "final_loss": training["final_loss"]})
+            mlflow.set_tag("data_digest", training["data_digest"])
+            mlflow.log_artifacts(str(folder), artifact_path="preference")
+        fs.publish_dir(folder, target, marker=PREFERENCE_MARKER)
+    return {"uri": target, "data_digest": training["data_digest"], "pairs": training["pairs"],
+            "train_accuracy": training["train_accuracy"], "run_id": run.info.run_id}
+
+
+def rewards(ctx: StageContext) -> dict[str, dict[str, Any]]:
+    """Every reward the pipeline trains for this config (see :func:`trained_rewards`), by name."""
+    trainers = {"preference": preference_reward}
+    return {name: trainers[name](ctx) for name in trained_rewards(ctx)}
+
+
+def reward_paths(ctx: StageContext) -> dict[str, str]:
+    """``eval.reward_paths`` plus the published location of every reward the pipeline trains."""
+    paths = dict(ctx.cfg.eval.reward_paths)
+    for name in trained_rewards(ctx):
+        uri = ctx.layout.reward_model(name)
+        if not fs.exists(fs.join(uri, PREFERENCE_MARKER)):
+            raise ModelError(f"{uri}: reward {name!r} is not trained yet; run `sdpo rewards` (the rewards stage) "
+                             "first, or set eval.reward_paths." + name)
+        paths[name] = uri
+    return paths
+
+
 @contextlib.contextmanager
 def _local_model(uri: str) -> Iterator[str]:
     """A local folder (or hub id) for a model URI."""
@@ -446,7 +502,8 @@ def evaluate(ctx: StageContext, arm: str, *, model: str | None = None, base: str
         extra = {"heldout": {"winner_delta": 0.0, "loser_delta": 0.0, "n_pairs": 0}} if heldout_uri and is_base \
             else None
         work = stack.enter_context(fs.scratch("sdpo-eval-")) / "eval"
-        metrics = evaluate_model(local_model, prompts, work, ctx.cfg.eval, base_dir=local_base,
+        eval_cfg = ctx.cfg.eval.model_copy(update={"reward_paths": reward_paths(ctx)})
+        metrics = evaluate_model(local_model, prompts, work, eval_cfg, base_dir=local_base,
                                  heldout_shards=heldout, extra_metrics=extra, model_uri=model_uri)
         if not metrics:
             return {}  # not the main process of a multi-process evaluation: the main one logs and publishes

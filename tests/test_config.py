@@ -63,7 +63,7 @@ def test_dotted_overrides_apply_in_order(tmp_path):
     path = tmp_path / "params.yaml"
     path.write_text("train:\n  mu: 0.9\n")
     cfg = load_config(path, ["train.mu=0.5", "train.lr=2e-5", "eval.rewards=[synthetic, pickscore]",
-                              "eval.reward_paths.pickscore=/models/pickscore"])
+                              "eval.reward_paths.pickscore=/models/pickscore", "registry.primary_reward=pickscore"])
     assert cfg.train.mu == 0.5 and cfg.train.lr == 2e-5 and cfg.eval.rewards == ["synthetic", "pickscore"]
 
 
@@ -173,3 +173,12 @@ def test_an_override_every_variant_shadows_is_refused():
         load_config(None, ["train.variants.dpo-sdpo.mu=0.9", "train.mu=0.5"])
     with pytest.raises(ConfigError, match="changes nothing"):
         load_config(None, ["train.safeguard=batch"])  # both variants set their own safeguard
+
+
+def test_the_embedded_preference_reward_is_trained_only_for_the_synthetic_world():
+    cfg = load_config(ROOT / "params.yaml")
+    assert cfg.trains_reward("preference") and not cfg.trains_reward("alignment")
+    given = load_config(ROOT / "params.yaml", ["eval.reward_paths={preference: /weights/pref}"])
+    assert not given.trains_reward("preference")
+    with pytest.raises(ConfigError, match=r"no weights for \['preference'\].*only for the synthetic world"):
+        load_config(ROOT / "params.yaml", ["data.input=/data/pickapic.parquet"])

@@ -386,12 +386,15 @@ def test_read_manifest_requires_a_manifest(tmp_path):
 
 # --- CLI ------------------------------------------------------------------------------------------------------
 
+REAL_DATA_EVAL = ["--set", "eval.rewards=[alignment, synthetic]", "--set", "registry.primary_reward=alignment"]
+
 
 def test_cli_ingest(tmp_path, capsys):
     """`sdpo ingest` reads data.input and writes ROOT/shards/<split>; settings come from the config, not flags."""
     source = write_parquet(make_pairs(20, seed=3, tie_fraction=0.25), tmp_path / "in.parquet")
     root = tmp_path / "root"
-    common = ["--set", f"data.root={root}", "--set", "data.shard_max_pairs=4"]
+    # real data: the embedded preference reward (trained on the synthetic world only) is not in the evaluation
+    common = ["--set", f"data.root={root}", "--set", "data.shard_max_pairs=4", *REAL_DATA_EVAL]
     code = main(["ingest", "--set", f"data.input={source}", *common])
     assert code == 0
     printed = capsys.readouterr().out

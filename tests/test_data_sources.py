@@ -134,7 +134,9 @@ def test_the_cli_prints_one_line_without_a_traceback(s3_env, existing, capsys):
     out, before = existing
     spec = "s3://pickapic/train/*.parquet"
     root = out.parent.parent
-    assert main(["ingest", "--set", f"data.input={spec}", "--set", f"data.root={root}", "--split", "train"]) == 2
+    real_data_eval = ["--set", "eval.rewards=[synthetic]", "--set", "registry.primary_reward=synthetic"]
+    assert main(["ingest", "--set", f"data.input={spec}", "--set", f"data.root={root}", "--split", "train",
+                 *real_data_eval]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"sdpo ingest: error: {spec}: lookup failed (") and err.count("\n") == 1
     assert "Traceback" not in err

@@ -53,7 +53,8 @@ def dvc_paths() -> set[str]:
 
 def layout_paths(layout: RunLayout, arms: list[str]) -> set[str]:
     """Every path the layout defines for these arms (and what dvc.yaml may name inside them)."""
-    paths = {layout.reports(), layout.report("registry.json"), layout.report("promotion.json"), layout.base_dir()}
+    paths = {layout.reports(), layout.report("registry.json"), layout.report("promotion.json"), layout.base_dir(),
+             layout.reward_model("preference")}
     for split in SPLITS:
         paths |= {layout.raw(split), layout.shards(split), layout.manifest(split), layout.cache(split)}
     for arm in [*arms, BASE_ARM]:
@@ -79,7 +80,7 @@ def test_dvc_tracks_what_each_stage_publishes():
     layout = RunLayout(cfg.data.root)
     found = dvc_paths()
     expected = {layout.raw("train"), layout.shards("heldout"), layout.base_dir(), layout.report("promotion.json"),
-                layout.cache("train"), layout.cache("heldout")}
+                layout.cache("train"), layout.cache("heldout"), layout.reward_model("preference")}
     for arm in cfg.train.variants:
         expected |= {layout.model(arm), layout.checkpoints(arm), f"{layout.evals(arm)}/metrics.json",
                      layout.compare_report(arm), layout.training_file(arm, "train_curve.json")}

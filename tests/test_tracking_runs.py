@@ -135,7 +135,8 @@ def eval_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
 
     root = tmp_path_factory.mktemp("log-eval")
     model = build_tiny_pipeline("sd15", str(root / "model"), resolution=16)
-    cfg = EvalConfig(seeds_per_prompt=2, num_inference_steps=2, batch_size=6, bootstrap_samples=20)
+    cfg = EvalConfig(seeds_per_prompt=2, num_inference_steps=2, batch_size=6, bootstrap_samples=20,
+                     rewards=["synthetic"])
     metrics = evaluate(model, ["a red square", "a blue circle", "a green triangle"], root / "eval", cfg,
                        extra_metrics={"heldout": {"winner_delta": -0.002, "loser_delta": 0.001, "n_pairs": 4}})
     return root / "eval", metrics
