@@ -36,35 +36,46 @@ def _fmt(value: Any) -> str:
     return "-" if value is None else f"{value:+.5f}"
 
 
-def _line_chart(rows: list[dict[str, Any]], fields: list[str], title: str) -> dict[str, Any]:
-    values = [{"step": r["step"], "series": f"{r['arm']}: {f}", "value": r[f]} for r in rows for f in fields if f in r]
-    return {
-        "$schema": "https://vega.github.io/schema/vega-lite/v5.json",
-        "title": title,
-        "width": 420,
-        "height": 220,
-        "data": {"values": values},
+ARM_COLOURS = "category10"  # one distinct hue per arm, the same in every chart of the card
+_VEGA = "https://vega.github.io/schema/vega-lite/v5.json"
+_LEGEND = {"labelFontSize": 12, "titleFontSize": 12, "orient": "right"}
+
+
+def _line_chart(rows: list[dict[str, Any]], fields: dict[str, str], title: str, y_title: str) -> dict[str, Any]:
+    """Lines over training steps: colour = arm, dash = series (``fields`` maps metric -> series label), y = 0 ruled."""
+    values = [{"step": r["step"], "arm": r["arm"], "series": label, "value": r[f]}
+              for r in rows for f, label in fields.items() if f in r]
+    line: dict[str, Any] = {
         "mark": {"type": "line", "point": True},
         "encoding": {
-            "x": {"field": "step", "type": "quantitative"},
-            "y": {"field": "value", "type": "quantitative"},
-            "color": {"field": "series", "type": "nominal"},
+            "x": {"field": "step", "type": "quantitative", "title": "training step"},
+            "y": {"field": "value", "type": "quantitative", "title": y_title},
+            "color": {"field": "arm", "type": "nominal", "scale": {"scheme": ARM_COLOURS},
+                      "legend": {"title": "arm", **_LEGEND}},
         },
     }
+    if len(fields) > 1:
+        line["encoding"]["strokeDash"] = {"field": "series", "type": "nominal", "legend": {"title": None, **_LEGEND}}
+    zero = {"mark": {"type": "rule", "color": "gray", "strokeDash": [2, 2]}, "encoding": {"y": {"datum": 0}}}
+    return {"$schema": _VEGA, "title": title, "width": 480, "height": 240, "data": {"values": values},
+            "layer": [line, zero]}
 
 
 def _histogram(values: list[dict[str, Any]], title: str) -> dict[str, Any]:
     return {
-        "$schema": "https://vega.github.io/schema/vega-lite/v5.json",
+        "$schema": _VEGA,
         "title": title,
-        "width": 420,
+        "width": 480,
         "height": 200,
         "data": {"values": values},
         "mark": "bar",
         "encoding": {
-            "x": {"field": "lambda", "bin": {"maxbins": 20}, "type": "quantitative"},
-            "y": {"aggregate": "count", "type": "quantitative"},
-            "color": {"field": "arm", "type": "nominal"},
+            "x": {"field": "lambda", "bin": {"maxbins": 20, "extent": [0, 1]}, "type": "quantitative",
+                  "title": "lambda (scale of the loser's gradient; 1 = plain objective)",
+                  "axis": {"labelAngle": 0, "format": ".1f", "tickCount": 6}},
+            "y": {"aggregate": "count", "type": "quantitative", "title": "logged windows"},
+            "color": {"field": "arm", "type": "nominal", "scale": {"scheme": ARM_COLOURS},
+                      "legend": {"title": "arm", **_LEGEND}},
         },
     }
 
@@ -90,17 +101,19 @@ def card_components(layout: RunLayout, arms: list[str], arm_metrics: dict[str, d
         curves += [{"arm": arm, **r} for r in rows]
         heldout += [{"arm": arm, **r} for r in fs.read_jsonl(layout.training_file(arm, "heldout.jsonl"))]
         lambdas += [{"arm": arm, "lambda": r["lambda_mean"]} for r in rows if "lambda_mean" in r]
+    deltas = {"heldout_winner_delta": "winner (m_w - r_w)", "heldout_loser_delta": "loser (m_l - r_l)"}
     if heldout:
         parts.append(Markdown("## Held-out winner / loser error vs the reference (below 0 = better)"))
-        parts.append(VegaChart(_line_chart(heldout, ["heldout_winner_delta", "heldout_loser_delta"],
-                                           "held-out deltas")))
+        parts.append(VegaChart(_line_chart(heldout, deltas, "held-out error deltas", "error - reference error")))
     if curves:
+        # the implicit accuracy is left out: it saturates at 1.0 within a few steps and then says nothing
         parts.append(Markdown("## Training curves"))
-        parts.append(VegaChart(_line_chart(curves, ["winner_delta", "loser_delta"], "batch winner/loser deltas")))
-        parts.append(VegaChart(_line_chart(curves, ["implicit_acc"], "implicit accuracy")))
+        batch = {"winner_delta": "winner (m_w - r_w)", "loser_delta": "loser (m_l - r_l)"}
+        parts.append(VegaChart(_line_chart(curves, batch, "training-batch error deltas", "error - reference error")))
+        parts.append(VegaChart(_line_chart(curves, {"loss": "loss"}, "preference loss", "loss")))
     if lambdas:
         parts.append(VegaChart(_histogram(lambdas, "safeguard lambda (per logged window)")))
-    parts.append(Markdown("## Samples (rows: prompts, columns: seeds)"))
+    parts.append(Markdown("## Samples (rows: prompts, columns: sampling seeds)"))
     for arm in sorted(arms):
         grid = fs.join(layout.evals(arm), "grid.png")
         if fs.exists(grid):

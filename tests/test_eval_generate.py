@@ -24,7 +24,8 @@ PROMPTS = ["a red square", "a blue circle", "a green triangle"]
 
 
 def eval_config(**changes) -> EvalConfig:
-    settings = dict(seeds_per_prompt=2, seed=7, num_inference_steps=2, batch_size=4, bootstrap_samples=50)
+    settings = dict(seeds_per_prompt=2, seed=7, num_inference_steps=2, batch_size=4, bootstrap_samples=50,
+                    rewards=["synthetic"])
     return EvalConfig(**{**settings, **changes})
 
 
@@ -99,8 +100,13 @@ def test_evaluate_writes_every_file(eval_a, model_dir: Path) -> None:
         summary = metrics["rewards"][name]
         assert summary["n"] == 6 and summary["mean"] == pytest.approx(np.mean(values))
         assert min(values) <= summary["ci_low"] <= summary["mean"] <= summary["ci_high"] <= max(values)
-    grid = Image.open(out / "grid.png")
-    assert grid.size == (2 * 64, 3 * 64)  # 3 prompts x 2 seeds, 16 px cells upscaled to 64
+    grid = np.asarray(Image.open(out / "grid.png").convert("RGB"))
+    # 3 prompts x 2 seeds, 16 px cells upscaled to 64, under a row of seed labels and right of the prompt labels
+    assert grid.shape[0] > 3 * 64 and grid.shape[1] > 2 * 64
+    top, left = grid.shape[0] - 3 * 64, grid.shape[1] - 2 * 64
+    first = np.asarray(Image.open(out / rows[0]["image"]).convert("RGB").resize((64, 64), Image.Resampling.NEAREST))
+    assert np.array_equal(grid[top:top + 64, left:left + 64], first)
+    assert (grid[:top, left:] < 128).any() and (grid[top:, :left] < 128).any()  # dark label text on white
 
 
 def test_scores_are_the_rewards_of_the_saved_images(eval_a) -> None:
@@ -189,7 +195,8 @@ def test_cli_evaluate_and_compare(model_dir: Path, tmp_path: Path, capsys: pytes
     root = tmp_path / "root"
     common = ["--config", str(ROOT / "params.yaml"), "--set", f"data.root={root}", "--set", "eval.seeds_per_prompt=2",
               "--set", "eval.seed=7", "--set", "eval.num_inference_steps=2", "--set", "eval.bootstrap_samples=50",
-              "--set", f"eval.prompts={prompts_file}", "--set", "eval.batch_size=2"]
+              "--set", f"eval.prompts={prompts_file}", "--set", "eval.batch_size=2",
+              "--set", "eval.rewards=[synthetic]", "--set", "registry.primary_reward=synthetic"]
     for arm in ("a", "b"):
         assert main(["evaluate", "--arm", arm, "--model", str(model_dir), *common]) == 0
         assert "synthetic: mean" in capsys.readouterr().out
@@ -219,7 +226,8 @@ MULTI_PROCESS_SCRIPT = """
 import sys
 from sdpo.config import EvalConfig
 from sdpo.eval.generate import evaluate
-cfg = EvalConfig(seeds_per_prompt=2, seed=7, num_inference_steps=2, batch_size=4, bootstrap_samples=50)
+cfg = EvalConfig(seeds_per_prompt=2, seed=7, num_inference_steps=2, batch_size=4, bootstrap_samples=50,
+                 rewards=["synthetic"])
 evaluate(sys.argv[1], sys.argv[2].split("|"), sys.argv[3], cfg)
 """
 

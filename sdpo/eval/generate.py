@@ -6,7 +6,7 @@ Output folder (written to a temporary sibling, then renamed into place)::
     manifest.json             model path and digest, prompts, seeds, generation settings, rewards
     scores.jsonl              one row per image: prompt, prompt_index, seed, image, scores {reward: value}
     metrics.json              {"rewards": {name: {mean, ci_low, ci_high, n}}, "heldout": {...}, "model_digest"}
-    grid.png                  sample grid: prompts (rows) x first seeds (columns)
+    grid.png                  sample grid: prompts (rows) x first seeds (columns), both labelled
 
 Guidance follows the diffusers convention: ``guidance_scale = 1.0`` means no classifier-free guidance and
 ``uncond + s * (cond - uncond)`` is applied for s > 1. The public Diffusion-DPO/SDPO reference code writes
@@ -37,6 +37,8 @@ GUIDANCE_CONVENTION = "diffusers: 1.0 = no guidance; reference-code s = guidance
 GRID_MAX_PROMPTS = 16
 GRID_MAX_SEEDS = 4
 GRID_MIN_CELL = 64  # tiny images are upscaled (nearest) so the grid is readable in MLflow and cards
+GRID_FONT_SIZE = 12
+GRID_MARGIN = 4
 SCORE_CHUNK = 256  # images read back and scored per call
 
 
@@ -176,7 +178,7 @@ def reward_metrics(rows: list[dict], rewards: Sequence[str], bootstrap_samples: 
 
 
 def write_grid(folder: Path, prompts: Sequence[str], seeds: Sequence[int], path: Path) -> None:
-    """grid.png: the first prompts (rows) by the first seeds (columns)."""
+    """grid.png: the first prompts (rows, labelled with the prompt) by the first seeds (columns, labelled)."""
     from diffusers.utils import make_image_grid
 
     rows, cols = min(len(prompts), GRID_MAX_PROMPTS), min(len(seeds), GRID_MAX_SEEDS)
@@ -188,7 +190,29 @@ def write_grid(folder: Path, prompts: Sequence[str], seeds: Sequence[int], path:
     side = max(cells[0].width, GRID_MIN_CELL)
     if cells[0].width < side:
         cells = [cell.resize((side, side * cell.height // cell.width), Image.Resampling.NEAREST) for cell in cells]
-    make_image_grid(cells, rows=rows, cols=cols).save(path)
+    grid = make_image_grid(cells, rows=rows, cols=cols)
+    _label_grid(grid, list(prompts[:rows]), [f"seed {seed}" for seed in seeds[:cols]],
+                cell=(cells[0].width, cells[0].height)).save(path)
+
+
+def _label_grid(grid: Image.Image, row_labels: list[str], col_labels: list[str], *,
+                cell: tuple[int, int]) -> Image.Image:
+    """The grid on a white canvas with its row labels on the left and its column labels on top."""
+    from PIL import ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=GRID_FONT_SIZE)
+    measure = ImageDraw.Draw(grid)
+    left = int(max(measure.textlength(label, font=font) for label in row_labels)) + 2 * GRID_MARGIN
+    top = GRID_FONT_SIZE + 2 * GRID_MARGIN
+    canvas = Image.new("RGB", (grid.width + left, grid.height + top), "white")
+    canvas.paste(grid, (left, top))
+    draw = ImageDraw.Draw(canvas)
+    width, height = cell
+    for j, label in enumerate(col_labels):
+        draw.text((left + j * width + GRID_MARGIN, GRID_MARGIN), label, fill="black", font=font)
+    for i, label in enumerate(row_labels):
+        draw.text((GRID_MARGIN, top + i * height + (height - GRID_FONT_SIZE) // 2), label, fill="black", font=font)
+    return canvas
 
 
 def write_results(folder: Path, manifest: dict[str, Any], rows: list[dict], metrics: dict[str, Any]) -> None:
