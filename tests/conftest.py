@@ -38,6 +38,11 @@ from pipeline_fixtures import small_shards, toy_base, toy_cache, toy_shards  # n
 from store_fixtures import s3_server  # noqa: E402,F401
 from train_world import moto_s3, tiny_sd15, tracking, tracking_uri  # noqa: E402,F401
 
+# Under pytest-xdist the workers share the cores: each gets its share of torch threads (oversubscribed OpenMP
+# threads slow every worker down, see the Makefile's OMP_WAIT_POLICY).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
 _TORCH_THREADS = torch.get_num_threads()
 
 

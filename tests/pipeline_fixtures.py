@@ -4,6 +4,7 @@ The toy base is built once per test session with the repository's params.yaml (t
 pathology test runs on exactly the model `make run` builds.
 """
 
+import os
 from pathlib import Path
 
 import pytest
@@ -37,15 +38,24 @@ def toy_shards(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def toy_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("toy-cache")
+    """One toy-base cache for the whole test run: under pytest-xdist its workers share it (the base's cache key is
+    the content of what determines it, so every worker asks for the same folder)."""
+    base = tmp_path_factory.getbasetemp()
+    run_dir = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # xdist: .../pytest-N/popen-gwK
+    shared = run_dir / "toy-cache"
+    shared.mkdir(exist_ok=True)
+    return shared
 
 
 @pytest.fixture(scope="session")
 def toy_base(toy_shards, toy_cache) -> Path:
-    """The toy base model, pretrained with the default params (a few minutes, once per session)."""
+    """The toy base model, pretrained with the default params (a few minutes, once per test run)."""
+    from filelock import FileLock
+
     from sdpo.train.pretrain import ensure_toy_base
 
-    return ensure_toy_base(load_config(ROOT / "params.yaml"), toy_shards["train"], cache_dir=toy_cache)
+    with FileLock(str(toy_cache / ".build.lock")):  # one worker builds it, the others wait and reuse it
+        return ensure_toy_base(load_config(ROOT / "params.yaml"), toy_shards["train"], cache_dir=toy_cache)
 
 
 @pytest.fixture(scope="session")
