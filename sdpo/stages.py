@@ -548,9 +548,11 @@ def compare(ctx: StageContext, arm: str, baseline: str = BASE_ARM) -> dict[str, 
 
 
 def _gate(ctx: StageContext):
+    """The promotion gate; it re-scores images, so it reads the trained rewards where the rewards stage put them."""
     from sdpo.tracking.gate import GateConfig
 
-    return GateConfig.from_config(ctx.cfg)
+    eval_cfg = ctx.cfg.eval.model_copy(update={"reward_paths": reward_paths(ctx)})
+    return GateConfig.from_config(ctx.cfg.model_copy(update={"eval": eval_cfg}))
 
 
 def _base_digest(ctx: StageContext) -> str:
