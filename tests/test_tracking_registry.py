@@ -187,8 +187,8 @@ def _params(world, tmp_path: Path, name: str) -> Path:
         "data": {"root": str(world.root)},
         "model": {"base": str(world.models["base"])},
         "eval": {"seeds_per_prompt": 2, "num_inference_steps": 2, "batch_size": 8, "bootstrap_samples": 100,
-                 "heldout_pairs": 8},
-        "registry": {"experiment": EXPERIMENT, "model_name": name},
+                 "heldout_pairs": 8, "rewards": ["synthetic"]},  # as gate_world.EVAL_SETTINGS
+        "registry": {"experiment": EXPERIMENT, "model_name": name, "primary_reward": "synthetic"},
     }))
     return path
 
@@ -252,3 +252,13 @@ def test_one_dataset_name_per_split(world, mlflow_tracking: str, tmp_path: Path)
     (tmp_path / "manifest.json").write_text(json.dumps({"shards": []}))
     with runs.start_run(EXPERIMENT, "bad-name"), pytest.raises(DataError, match="use the split's name"):
         runs.log_data_manifest(tmp_path / "manifest.json", name="shards")
+
+
+def test_a_refusal_names_the_champion_version_whatever_its_type() -> None:
+    from sdpo.commands.promote import verdict
+
+    result = {"name": "m", "version": "3", "outcome": "refused", "alias": "challenger", "champion": 2,
+              "decision": {"reason": "win rate lower bound 0.41 < 0.5"}}
+    assert verdict(result) == ("m version 3: refused, now challenger; champion stays version 2: "
+                               "win rate lower bound 0.41 < 0.5")
+    assert verdict({**result, "champion": None}).endswith("champion stays unset: win rate lower bound 0.41 < 0.5")

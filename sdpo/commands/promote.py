@@ -36,8 +36,9 @@ def verdict(result: dict[str, Any]) -> str:
     if outcome == "promoted":
         return f"{where}: promoted to champion ({'; '.join(result['changed'])}): {reason}"
     if outcome == "refused":
+        champion = f"version {result['champion']}" if result["champion"] else "unset"  # the registry's version: int
         return (f"{where}: refused, now {result['alias'] or 'without alias'}; champion stays "
-                f"{'version ' + result['champion'] if result['champion'] else 'unset'}: {reason}")
+                f"{champion}: {reason}")
     word = "would be promoted" if outcome == "would-promote" else "would be refused"
     return f"{where}: {word} (dry run, nothing changed): {reason}"
 
