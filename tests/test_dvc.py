@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("dpo", "dpo-sdpo")
 CANDIDATE = "dpo-sdpo"
 ALL_STAGES = {
-    "synth", "ingest", "base", "encode", "evaluate-base", "register",
+    "synth", "ingest", "base", "encode", "rewards", "evaluate-base", "register",
     *(f"{stage}@{variant}" for stage in ("train", "evaluate", "compare") for variant in VARIANTS),
 }
 # Stages that depend on the candidate variant's own training settings, and nothing else.

@@ -14,7 +14,7 @@ import yaml
 
 from sdpo import experiments as ex
 from sdpo.cli import main as cli
-from sdpo.config import ConfigError, load_config, parse_yaml
+from sdpo.config import ConfigError, EvalConfig, load_config, parse_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 ARMS = ("dpo", "dpo-sdpo")
@@ -56,11 +56,12 @@ def test_results_have_one_row_per_arm_and_metric(experiment):
     rows = read_rows(folder)
     keys = [(r["table"], r["metric"], r["arm"], r["baseline"]) for r in rows]
     assert len(keys) == len(set(keys))
-    expected = {("reward", "synthetic", arm, "") for arm in ("base", *ARMS)}
+    rewards = EvalConfig().rewards  # the default suite: preference, alignment and the labelling judge
+    expected = {("reward", name, arm, "") for name in rewards for arm in ("base", *ARMS)}
     expected |= {("heldout", metric, arm, "") for metric in ex.HELDOUT_METRICS for arm in ARMS}
     expected |= {("lambda", metric, "dpo-sdpo", "") for metric in ex.LAMBDA_METRICS}  # dpo has no safeguard
-    expected |= {("winrate", "synthetic", "dpo", "base"), ("winrate", "synthetic", "dpo-sdpo", "base"),
-                 ("winrate", "synthetic", "dpo-sdpo", "dpo")}
+    expected |= {("winrate", name, arm, baseline) for name in rewards
+                 for arm, baseline in (("dpo", "base"), ("dpo-sdpo", "base"), ("dpo-sdpo", "dpo"))}
     assert set(keys) == expected
 
     seed0 = folder / "seed-0"
@@ -78,7 +79,7 @@ def test_results_have_one_row_per_arm_and_metric(experiment):
             half = 12.7062047 * np.std(values, ddof=1) / np.sqrt(2)
             assert (low, high) == pytest.approx((mean - half, mean + half), rel=1e-6, abs=1e-12)
     # the per-seed values are the seed runs' own evaluations
-    reward = next(r for r in rows if r["table"] == "reward" and r["arm"] == "dpo")
+    reward = next(r for r in rows if (r["table"], r["metric"], r["arm"]) == ("reward", "synthetic", "dpo"))
     evaluated = json.loads((seed0 / "evals" / "dpo" / "metrics.json").read_text())
     assert float(reward["values"].split(";")[0]) == pytest.approx(evaluated["rewards"]["synthetic"]["mean"], rel=1e-5)
 
