@@ -245,7 +245,8 @@ def preference_reward(ctx: StageContext) -> dict[str, Any]:
 
     The toy counterpart of PickScore: a small image-text scorer fitted Bradley-Terry to which image won, never to
     the judge that labelled the pairs (:mod:`sdpo.eval.rewards.preference`). Logged as the MLflow run
-    ``reward-preference`` with the digest of the pairs it saw. Returns ``{"uri", "data_digest", "train_accuracy"}``.
+    ``reward-preference`` with the digest of the pairs it saw. Returns ``{"uri", "data_digest", "pairs",
+    "train_accuracy", "run_id"}``.
     """
     from sdpo.eval.rewards.preference import read_preference_config, train_preference_model
 
@@ -282,6 +283,12 @@ def reward_paths(ctx: StageContext) -> dict[str, str]:
                              "first, or set eval.reward_paths." + name)
         paths[name] = uri
     return paths
+
+
+def _scoring_config(ctx: StageContext) -> Config:
+    """The config with :func:`reward_paths` as ``eval.reward_paths``: what evaluation and the gate score with."""
+    eval_cfg = ctx.cfg.eval.model_copy(update={"reward_paths": reward_paths(ctx)})
+    return ctx.cfg.model_copy(update={"eval": eval_cfg})
 
 
 @contextlib.contextmanager
@@ -502,8 +509,7 @@ def evaluate(ctx: StageContext, arm: str, *, model: str | None = None, base: str
         extra = {"heldout": {"winner_delta": 0.0, "loser_delta": 0.0, "n_pairs": 0}} if heldout_uri and is_base \
             else None
         work = stack.enter_context(fs.scratch("sdpo-eval-")) / "eval"
-        eval_cfg = ctx.cfg.eval.model_copy(update={"reward_paths": reward_paths(ctx)})
-        metrics = evaluate_model(local_model, prompts, work, eval_cfg, base_dir=local_base,
+        metrics = evaluate_model(local_model, prompts, work, _scoring_config(ctx).eval, base_dir=local_base,
                                  heldout_shards=heldout, extra_metrics=extra, model_uri=model_uri)
         if not metrics:
             return {}  # not the main process of a multi-process evaluation: the main one logs and publishes
@@ -551,8 +557,7 @@ def _gate(ctx: StageContext):
     """The promotion gate; it re-scores images, so it reads the trained rewards where the rewards stage put them."""
     from sdpo.tracking.gate import GateConfig
 
-    eval_cfg = ctx.cfg.eval.model_copy(update={"reward_paths": reward_paths(ctx)})
-    return GateConfig.from_config(ctx.cfg.model_copy(update={"eval": eval_cfg}))
+    return GateConfig.from_config(_scoring_config(ctx))
 
 
 def _base_digest(ctx: StageContext) -> str:
