@@ -51,3 +51,29 @@ def _restore_torch_threads():
     """Some code under test (benchmarks, flow steps run in process) sets torch's thread count: undo it after each."""
     yield
     torch.set_num_threads(_TORCH_THREADS)
+
+
+
+# The longest work units (xdist groups), heaviest first, measured with `pytest --durations` on 2 workers and 2 cores.
+# Under `--dist=loadgroup --no-loadscope-reorder` the groups are handed out in collection order: starting the long
+# ones first keeps one of them from becoming a tail that a single worker runs alone at the end. The pathology tests
+# are one group per (arm, seed); the first of them builds the shared toy base, so the second long unit is the flow
+# S3 flow run (which does not need that base) rather than a training that would wait for it. Every other module is its
+# own group, so its module fixtures run once, as with `--dist=loadfile`.
+HEAVY_FIRST = ("pathology-dpo-0", "flow-s3", "pathology-dpo-sdpo-0", "pathology-dpo-1", "pathology-dpo-sdpo-1",
+               "test_dvc.py", "flow-local", "test_bench.py", "test_readme.py", "test_tracking_registry.py",
+               "test_tracking_gate.py", "test_train.py", "test_experiments.py", "test_cache.py")
+
+
+def _group(item: pytest.Item) -> str:
+    return item.get_closest_marker("xdist_group").args[0]
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """One xdist group per module unless a test names its own; the heavy groups first (stable otherwise)."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.path.name))
+    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(_group(item), len(HEAVY_FIRST)))

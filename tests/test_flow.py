@@ -27,6 +27,10 @@ TINY = [
     "train.heldout_every=4", "train.heldout_pairs=8", "eval.seeds_per_prompt=2", "eval.num_inference_steps=2",
     "eval.bootstrap_samples=50",
 ]
+# The two flow runs are two xdist groups: each module fixture runs once, on the one worker that has its tests, and
+# the two runs proceed side by side.
+ON_LOCAL_RUN = pytest.mark.xdist_group("flow-local")
+ON_S3_RUN = pytest.mark.xdist_group("flow-s3")
 STEPS = {"start", "ingest", "join_ingest", "base", "encode", "train", "evaluate", "compare", "register", "end"}
 
 
@@ -76,6 +80,7 @@ def _loads_by_alias(tracking: str, registration: dict) -> None:
     assert len(out) == 1 and isinstance(out["image"][0], str)
 
 
+@ON_LOCAL_RUN
 def test_local_flow_runs_every_step_and_registers(local_run, mlflow_server):
     run, tmp, _ = local_run
     assert {s.id for s in run.steps()} == STEPS
@@ -98,6 +103,7 @@ def test_local_flow_runs_every_step_and_registers(local_run, mlflow_server):
     _loads_by_alias(mlflow_server, registration)
 
 
+@ON_LOCAL_RUN
 def test_stage_runs_are_children_of_one_flow_run(local_run, mlflow_server):
     run, _, _ = local_run
     client = mlflow.MlflowClient(tracking_uri=mlflow_server)
@@ -112,6 +118,7 @@ def test_stage_runs_are_children_of_one_flow_run(local_run, mlflow_server):
             "evaluate-dpo-sdpo"} <= names
 
 
+@ON_LOCAL_RUN
 def test_card_has_report(local_run, tmp_path):
     run, tmp, env = local_run
     out = tmp_path / "card.html"
@@ -126,6 +133,7 @@ def test_card_has_report(local_run, tmp_path):
     assert '"type": "image"' in data and '"type": "vegaChart"' in data
 
 
+@ON_S3_RUN
 def test_s3_flow_keeps_everything_in_the_bucket(s3_run, s3_server):
     run, tmp, env, prefix = s3_run
     assert {s.id for s in run.steps()} == STEPS
@@ -149,6 +157,7 @@ def test_s3_flow_keeps_everything_in_the_bucket(s3_run, s3_server):
     assert sorted(p.name for p in (tmp / "scratch").iterdir()) == []
 
 
+@ON_S3_RUN
 def test_a_failed_train_task_resumes_on_retry(s3_run):
     run, _, _, _ = s3_run
     tasks = [task for task in run["train"] if task["arm"].data != "base"]
@@ -159,6 +168,7 @@ def test_a_failed_train_task_resumes_on_retry(s3_run):
         assert task.current_attempt == 1  # the first attempt failed on purpose after its first checkpoint
 
 
+@ON_S3_RUN
 def test_s3_registered_model_loads_by_alias(s3_run):
     run, _, env, _ = s3_run
     _loads_by_alias(env["MLFLOW_TRACKING_URI"], run["end"].task["registration"].data)
