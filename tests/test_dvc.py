@@ -101,6 +101,22 @@ def pipeline(tmp_path_factory) -> dict[str, Any]:
     return {"repo": repo, "output": output}
 
 
+def test_dry_repro_on_a_fresh_clone_matches_the_committed_lock(tmp_path):
+    """What a fresh clone holds (dvc.yaml, params.yaml, the reference run's dvc.lock, no data): `dvc repro --dry
+    --allow-missing` works and finds every stage as the lock recorded it. A default changed in params.yaml without
+    a new reference run fails here. (Without --allow-missing DVC stops at the first stage whose upstream outputs are
+    missing, even in a dry run.)"""
+    repo = tmp_path / "clone"
+    (repo / ".dvc").mkdir(parents=True)
+    for name in ("dvc.yaml", "dvc.lock", "params.yaml", ".dvcignore", ".gitignore", ".dvc/config", ".dvc/.gitignore"):
+        shutil.copy(ROOT / name, repo / name)
+    (repo / ".dvc" / "config.local").write_text(f"[core]\n    site_cache_dir = {tmp_path / 'dvc-site-cache'}\n")
+    git(repo, "init", "-q")
+    output = dvc(repo, "repro", "--dry", "--allow-missing")
+    assert skipped_stages(output) == ALL_STAGES, output[-3000:]
+    assert ran_stages(output) == set(), output[-3000:]
+
+
 def test_train_stage_declares_every_shared_training_key():
     """A key of params.yaml's train section missing here would not rerun training when it changes."""
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
