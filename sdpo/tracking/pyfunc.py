@@ -12,6 +12,7 @@ import base64
 import io
 import shutil
 import tempfile
+import warnings
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -161,7 +162,10 @@ def log_pipeline_model(
     if not (Path(model_dir) / "model_index.json").is_file():
         raise ModelError(f"{model_dir}: not a diffusers pipeline folder (model_index.json missing)")
     example = pd.DataFrame({"prompt": ["a red square"], "seed": [0]})
-    with tempfile.TemporaryDirectory(prefix="sdpo-code-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="sdpo-code-") as tmp, warnings.catch_warnings():
+        # MLflow infers a schema from the example to check it and hints that its integer `seed` cannot hold missing
+        # values; the signature above declares `seed` an optional long, and a missing seed is dropped, not NaN.
+        warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer column")
         return mlflow.pyfunc.log_model(
             name=name,
             python_model=str(MODEL_CODE),

@@ -176,7 +176,7 @@ def log_data_manifest(manifest_path: str | Path, name: str, context: str = "trai
             name=name,
             digest=digest[:MAX_DATASET_DIGEST_CHARS],
         )
-    mlflow.log_input(dataset, context=context)
+        mlflow.log_input(dataset, context=context)  # the schema is inferred here, lazily: inside the filter
     mlflow.set_tag(f"data.{name}.manifest_digest", digest)
     if context == "training":
         mlflow.set_tag("data.manifest_digest", digest)
