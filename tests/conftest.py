@@ -53,12 +53,11 @@ def _restore_torch_threads():
     torch.set_num_threads(_TORCH_THREADS)
 
 
-
 # The longest work units (xdist groups), heaviest first, measured with `pytest --durations` on 2 workers and 2 cores.
 # Under `--dist=loadgroup --no-loadscope-reorder` the groups are handed out in collection order: starting the long
 # ones first keeps one of them from becoming a tail that a single worker runs alone at the end. The pathology tests
-# are one group per (arm, seed); the first of them builds the shared toy base, so the second long unit is the flow
-# S3 flow run (which does not need that base) rather than a training that would wait for it. Every other module is its
+# are one group per (arm, seed); the first of them builds the shared toy base, so the second long unit is the S3
+# flow run (which does not need that base) rather than a training that would wait for it. Every other module is its
 # own group, so its module fixtures run once, as with `--dist=loadfile`.
 HEAVY_FIRST = ("pathology-dpo-0", "flow-s3", "pathology-dpo-sdpo-0", "pathology-dpo-1", "pathology-dpo-sdpo-1",
                "test_dvc.py", "flow-local", "test_bench.py", "test_readme.py", "test_tracking_registry.py",

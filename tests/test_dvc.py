@@ -78,18 +78,24 @@ def skipped_stages(output: str) -> set[str]:
     return set(re.findall(r"Stage '([^']+)' didn't change, skipping", output))
 
 
+def dvc_repo(work: Path, *extra: str) -> Path:
+    """A new git repo ``work/repo`` holding the project's DVC files (and ``extra`` files of the project)."""
+    repo = work / "repo"
+    (repo / ".dvc").mkdir(parents=True)
+    for name in ("dvc.yaml", ".dvcignore", ".gitignore", ".dvc/config", ".dvc/.gitignore", *extra):
+        shutil.copy(ROOT / name, repo / name)
+    # Keep DVC's per-repo site cache (normally under /var/tmp/dvc) inside tmp as well.
+    (repo / ".dvc" / "config.local").write_text(f"[core]\n    site_cache_dir = {work / 'dvc-site-cache'}\n")
+    git(repo, "init", "-q")
+    return repo
+
+
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory) -> dict[str, Any]:
     """A git repo with the project's DVC pipeline and tiny params, after one full `dvc repro` (committed)."""
     work = tmp_path_factory.mktemp("dvc")
-    repo = work / "repo"
-    (repo / ".dvc").mkdir(parents=True)
-    for name in ("dvc.yaml", ".dvcignore", ".gitignore", ".dvc/config", ".dvc/.gitignore"):
-        shutil.copy(ROOT / name, repo / name)
-    # Keep DVC's per-repo site cache (normally under /var/tmp/dvc) inside tmp as well.
-    (repo / ".dvc" / "config.local").write_text(f"[core]\n    site_cache_dir = {work / 'dvc-site-cache'}\n")
+    repo = dvc_repo(work)
     (repo / "params.yaml").write_text(yaml.safe_dump(tiny_params(work / "toy-cache"), sort_keys=False))
-    git(repo, "init", "-q")
     git(repo, "config", "user.name", "sdpo test")
     git(repo, "config", "user.email", "sdpo-test@example.invalid")
     git(repo, "add", "-A")
@@ -106,12 +112,7 @@ def test_dry_repro_on_a_fresh_clone_matches_the_committed_lock(tmp_path):
     --allow-missing` works and finds every stage as the lock recorded it. A default changed in params.yaml without
     a new reference run fails here. (Without --allow-missing DVC stops at the first stage whose upstream outputs are
     missing, even in a dry run.)"""
-    repo = tmp_path / "clone"
-    (repo / ".dvc").mkdir(parents=True)
-    for name in ("dvc.yaml", "dvc.lock", "params.yaml", ".dvcignore", ".gitignore", ".dvc/config", ".dvc/.gitignore"):
-        shutil.copy(ROOT / name, repo / name)
-    (repo / ".dvc" / "config.local").write_text(f"[core]\n    site_cache_dir = {tmp_path / 'dvc-site-cache'}\n")
-    git(repo, "init", "-q")
+    repo = dvc_repo(tmp_path, "dvc.lock", "params.yaml")
     output = dvc(repo, "repro", "--dry", "--allow-missing")
     assert skipped_stages(output) == ALL_STAGES, output[-3000:]
     assert ran_stages(output) == set(), output[-3000:]

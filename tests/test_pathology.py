@@ -4,8 +4,8 @@ With plain Diffusion-DPO the held-out winner error rises above the reference (m_
 widens; with the SDPO safeguard (mu = 0.9, one lambda per pair) it stays at or below the reference. Two seeds.
 
 Each (arm, seed) trains in its own test and its own xdist group, so the four trainings run on whichever workers are
-free. ``STEPS`` is the smallest probed length at which the pattern held on every seed of
-``experiments/pathology_sweep.py`` (docs/results.md, "The regression test"), not the default 200.
+free. ``STEPS`` is twice the smallest probed length at which the pattern held on every seed of
+``experiments/pathology_sweep.py`` (docs/results.md, "The regression test"), and half the default 200.
 """
 
 from pathlib import Path
@@ -24,8 +24,8 @@ pytestmark = pytest.mark.timeout(1800)
 
 def _deltas(variant: str, seed: int, toy_base: Path, toy_shards: dict[str, Path], out: Path) -> dict[str, float]:
     """Train one arm of params.yaml for ``STEPS`` steps; its final held-out deltas and training metrics."""
-    cfg = load_config(ROOT / "params.yaml", [f"train.seed={seed}", f"train.steps={STEPS}",
-                                                    f"train.heldout_every={STEPS}"])
+    overrides = [f"train.seed={seed}", f"train.steps={STEPS}", f"train.heldout_every={STEPS}"]
+    cfg = load_config(ROOT / "params.yaml", overrides)
     result = train(cfg, shards_dir=toy_shards["train"], base_model=str(toy_base), output_dir=out / f"{variant}-{seed}",
                    variant=variant, heldout_shards=toy_shards["heldout"], show_progress=False)
     print(variant, seed, result.heldout, {k: result.final_metrics.get(k) for k in ("lambda_mean",)})

@@ -164,7 +164,7 @@ def log_pipeline_model(
     example = pd.DataFrame({"prompt": ["a red square"], "seed": [0]})
     with tempfile.TemporaryDirectory(prefix="sdpo-code-") as tmp, warnings.catch_warnings():
         # MLflow infers a schema from the example to check it and hints that its integer `seed` cannot hold missing
-        # values; the signature above declares `seed` an optional long, and a missing seed is dropped, not NaN.
+        # values; the signature above declares `seed` an optional long, and a missing seed becomes the row's number.
         warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer column")
         return mlflow.pyfunc.log_model(
             name=name,
