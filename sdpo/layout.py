@@ -14,8 +14,10 @@ The flow, the stages and ``dvc.yaml`` use these paths and nothing else (``tests/
                                         training_summary.json, train_curve.json, heldout_curve.json
     ROOT/rewards/<name>/                a reward model the pipeline trains (the embedded `preference` scorer):
                                         model.safetensors, config.json (written last)
-    ROOT/evals/<arm>/                   images/, scores.jsonl, manifest.json, grid.png, metrics.json (written last)
-    ROOT/reports/                       compare-<arm>.json, registry.json, promotion.json, summary.json
+    ROOT/evals/<arm>/                   images/, scores.jsonl, manifest.json, grid.png, summary.json,
+                                        metrics.json (written last)
+    ROOT/reports/                       compare-<arm>.json, registry.json, promotion.json,
+                                        promotion_summary.json, summary.json
     ROOT/experiments/<name>/            `sdpo experiment`: seed-<s>/ (a whole run layout per seed), results.csv,
                                         results.md, curves.csv, plots/*.png, experiment.json
     ROOT/.../.<name>.lock               the writer lock of the folder <name> beside it (sdpo.locks)

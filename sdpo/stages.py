@@ -623,4 +623,13 @@ def promote(ctx: StageContext, version: str | None = None, *, dry_run: bool = Fa
                              experiment=reg.experiment, dry_run=dry_run).to_dict()
     if not dry_run:
         fs.write_json(ctx.layout.report("promotion.json"), result)
+        fs.write_json(ctx.layout.report("promotion_summary.json"), promotion_summary(result))
     return result
+
+
+def promotion_summary(result: dict[str, Any]) -> dict[str, Any]:
+    """The promotion's headline, flat, for ``dvc metrics show``: the version, whether it is champion, the gate's
+    primary win rate and its lower bound (``promotion.json`` keeps everything)."""
+    details = result["decision"].get("details", {})
+    return {"version": int(result["version"]), "champion": result.get("alias") == "champion",
+            "win_rate": details.get("win_rate"), "win_rate_lower": details.get("ci_low")}

@@ -201,8 +201,12 @@ def test_metrics_and_plots_render(pipeline):
     repo = pipeline["repo"]
     shown = json.loads(dvc(repo, "metrics", "show", "--json"))[""]["data"]
     for name in ("base", *VARIANTS):
-        assert isinstance(shown[f"data/evals/{name}/metrics.json"]["data"]["rewards"]["synthetic"]["mean"], float)
-    assert "promote" in shown["data/reports/promotion.json"]["data"]["decision"]
+        summary = shown[f"data/evals/{name}/summary.json"]["data"]
+        assert isinstance(summary["synthetic"], float)
+        assert isinstance(summary["winner_delta"], float) and (name != "base" or summary["winner_delta"] == 0.0)
+    assert isinstance(shown["data/reports/promotion_summary.json"]["data"]["champion"], bool)
+    table = dvc(repo, "metrics", "show")
+    assert max(len(line) for line in table.splitlines()) <= 160, table  # one table, every file, a wide terminal
 
     plots = json.loads(dvc(repo, "plots", "show", "--json"))
     assert not plots.get("errors"), plots.get("errors")

@@ -54,14 +54,14 @@ def dvc_paths() -> set[str]:
 def layout_paths(layout: RunLayout, arms: list[str]) -> set[str]:
     """Every path the layout defines for these arms (and what dvc.yaml may name inside them)."""
     paths = {layout.reports(), layout.report("registry.json"), layout.report("promotion.json"), layout.base_dir(),
-             layout.reward_model("preference")}
+             layout.report("promotion_summary.json"), layout.reward_model("preference")}
     for split in SPLITS:
         paths |= {layout.raw(split), layout.shards(split), layout.manifest(split), layout.cache(split)}
     for arm in [*arms, BASE_ARM]:
         evals = layout.evals(arm)
         paths |= {layout.model(arm), layout.checkpoints(arm), layout.compare_report(arm),
                   *(f"{evals}/{name}" for name in ("images", "scores.jsonl", "manifest.json", "grid.png",
-                                                   "metrics.json")),
+                                                   "summary.json", "metrics.json")),
                   *(layout.training_file(arm, name) for name in ("metrics.jsonl", "heldout.jsonl",
                                                                  "training_summary.json", "train_curve.json",
                                                                  "heldout_curve.json"))}
@@ -80,9 +80,11 @@ def test_dvc_tracks_what_each_stage_publishes():
     layout = RunLayout(cfg.data.root)
     found = dvc_paths()
     expected = {layout.raw("train"), layout.shards("heldout"), layout.base_dir(), layout.report("promotion.json"),
+                layout.report("promotion_summary.json"),
                 layout.cache("train"), layout.cache("heldout"), layout.reward_model("preference")}
     for arm in cfg.train.variants:
         expected |= {layout.model(arm), layout.checkpoints(arm), f"{layout.evals(arm)}/metrics.json",
+                     f"{layout.evals(arm)}/summary.json",
                      layout.compare_report(arm), layout.training_file(arm, "train_curve.json")}
     assert expected - found == set()
 

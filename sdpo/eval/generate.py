@@ -5,6 +5,7 @@ Output folder (written to a temporary sibling, then renamed into place)::
     images/p00003_s1234.png   one PNG per (prompt index, seed)
     manifest.json             model path and digest, prompts, seeds, generation settings, rewards
     scores.jsonl              one row per image: prompt, prompt_index, seed, image, scores {reward: value}
+    summary.json              the headline numbers, flat (each reward's mean, the held-out deltas): DVC's metrics
     metrics.json              {"rewards": {name: {mean, ci_low, ci_high, n}}, "heldout": {...}, "model_digest"}
     grid.png                  sample grid: prompts (rows) x first seeds (columns), both labelled
 
@@ -215,11 +216,24 @@ def _label_grid(grid: Image.Image, row_labels: list[str], col_labels: list[str],
     return canvas
 
 
+def metrics_summary(metrics: dict[str, Any]) -> dict[str, float]:
+    """The headline numbers of ``metrics``, flat: each reward's mean and the held-out winner/loser deltas.
+
+    ``dvc metrics show`` prints one column per key of every metrics file, so it reads this file rather than
+    ``metrics.json`` (four numbers per reward, digests): the table then fits a terminal.
+    """
+    summary = {name: entry["mean"] for name, entry in metrics.get("rewards", {}).items()}
+    summary.update({key: metrics["heldout"][key] for key in ("winner_delta", "loser_delta")
+                    if key in metrics.get("heldout", {})})
+    return summary
+
+
 def write_results(folder: Path, manifest: dict[str, Any], rows: list[dict], metrics: dict[str, Any]) -> None:
-    """manifest.json, scores.jsonl, grid.png and, last, metrics.json beside the images in ``folder``."""
+    """manifest.json, scores.jsonl, grid.png, summary.json and, last, metrics.json beside the images in ``folder``."""
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     (folder / "scores.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     write_grid(folder, manifest["prompts"], manifest["seeds"], folder / "grid.png")
+    (folder / "summary.json").write_text(json.dumps(metrics_summary(metrics), indent=2) + "\n")
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
 
 
