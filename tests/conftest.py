@@ -59,9 +59,10 @@ def _restore_torch_threads():
 # are one group per (arm, seed); the first of them builds the shared toy base, so the second long unit is the S3
 # flow run (which does not need that base) rather than a training that would wait for it. Every other module is its
 # own group, so its module fixtures run once, as with `--dist=loadfile`.
-HEAVY_FIRST = ("pathology-dpo-0", "flow-s3", "pathology-dpo-sdpo-0", "pathology-dpo-1", "pathology-dpo-sdpo-1",
-               "test_dvc.py", "flow-local", "test_bench.py", "test_readme.py", "test_tracking_registry.py",
-               "test_tracking_gate.py", "test_train.py", "test_experiments.py", "test_cache.py")
+HEAVY_FIRST = ("pathology-dpo-0", "flow-s3", "test_toy_base.py", "pathology-dpo-sdpo-0", "pathology-dpo-1",
+               "pathology-dpo-sdpo-1", "test_dvc.py", "flow-local", "test_bench.py", "test_readme.py",
+               "test_tracking_registry.py", "test_tracking_gate.py", "test_train.py", "test_experiments.py",
+               "test_cache.py")
 
 
 def _group(item: pytest.Item) -> str:

@@ -187,3 +187,14 @@ def test_long_horizon_recipe():
     }
     assert cfg.train.alpha == 0.01 and cfg.train.checkpoint_every and cfg.train.heldout_every
     assert (ROOT / "experiments" / cfg.data.root).resolve() == ROOT / "data"  # the project's own data folder
+
+
+def test_colour_following_preset_changes_only_the_toy_recipe():
+    cfg = load_config(ROOT / "experiments" / "colour-following.yaml")
+    default = load_config(ROOT / "params.yaml")
+    toy = cfg.model.toy
+    assert (toy.pooled_text, toy.train_text_encoder, toy.prompt_dropout, toy.high_noise_weight,
+            toy.multires_noise) == (True, True, 0.1, 20.0, 0.8)  # the recipe measured in docs/results.md
+    assert toy.unet_steps == default.model.toy.unet_steps  # the default's cost
+    assert cfg.train == default.train and cfg.eval == default.eval
+    assert (ROOT / "experiments" / cfg.data.root).resolve() == ROOT / "data"

@@ -127,6 +127,15 @@ def test_toy_sd15_pooled_text_adds_the_prompt_to_the_time_embedding(tmp_path):
     assert _n_params(pipeline.unet) <= 1_000_000
     assert pipeline("a red square", num_inference_steps=2, output_type="pt").images.shape == (1, 3, 16, 16)
 
+def test_toy_sd15_full_resolution_attention_adds_cross_attention_at_16x16(tmp_path):
+    folder = build_toy_sd15(str(tmp_path / "toy"), vocabulary=["a", "red", "square"], resolution=16,
+                            full_resolution_attention=True)
+    pipeline = DiffusionPipeline.from_pretrained(folder)
+    assert pipeline.unet.config.down_block_types == ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"]
+    assert pipeline.unet.config.up_block_types == ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
+    assert pipeline("a red square", num_inference_steps=2, output_type="pt").images.shape == (1, 3, 16, 16)
+
+
 def test_cli_tiny_writes_a_loadable_sd3_pipeline(tmp_path, capsys):
     out = tmp_path / "cli-sd3"
     assert main(["tiny", "--family", "sd3", "--out", str(out), "--seed", "2", "--resolution", "16"]) == 0

@@ -211,7 +211,7 @@ def build_tiny_pipeline(
 
 
 def build_toy_sd15(out_dir: str, *, vocabulary: list[str], resolution: int = 16, seed: int = 0,
-                   pooled_text: bool = False) -> str:
+                   pooled_text: bool = False, full_resolution_attention: bool = False) -> str:
     """Write the untrained toy base: an SD1.5-family pipeline whose VAE does not downsample (latents 4 x R x R).
 
     Parts: AutoencoderKL with one block (~150k parameters), a 2-layer CLIP text encoder (hidden 32) with a word-level
@@ -241,9 +241,12 @@ def build_toy_sd15(out_dir: str, *, vocabulary: list[str], resolution: int = 16,
             block_out_channels=(32, 64),
             layers_per_block=1,
             norm_num_groups=8,
-            # text enters at 8x8 (and the mid block): half the cost of cross-attention at 16x16 too
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            # text enters at 8x8 (and the mid block): half the cost of cross-attention at 16x16 too, unless
+            # full_resolution_attention
+            down_block_types=("CrossAttnDownBlock2D" if full_resolution_attention else "DownBlock2D",
+                              "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D",
+                            "CrossAttnUpBlock2D" if full_resolution_attention else "UpBlock2D"),
             cross_attention_dim=text_encoder.config.hidden_size,
             attention_head_dim=8,
             # pooled_text: the prompt also enters globally, attention-pooled and added to the time embedding

@@ -2,10 +2,11 @@
 
 It is pretrained (SFT) on every image of the synthetic train shards: the good renders and the bad ones, half and
 half, so its renders are sometimes clean and centred, sometimes offset and rough: "imperfect", which is what
-preference tuning needs to have something to improve. With the default recipe it does NOT follow its prompts yet
-(colour and shape barely depend on the prompt; docs/results.md); the opt-in ``model.toy`` conditioning settings
-(pooled text, a trained text encoder, prompt dropout, high-noise weighting) raise the alignment rates with more
-steps. The result is cached under a hash of everything that determines it.
+preference tuning needs to have something to improve. With the default recipe it does NOT follow its prompts (at
+16 px the noise schedule leaves colour and layout readable in x_T, so the base reads them from the noise); the
+opt-in ``model.toy`` settings (experiments/colour-following.yaml: a trained text encoder, the pooled prompt, prompt
+dropout, high-noise weighting and pyramid noise) make the colour follow at the same cost, not yet the shape
+(docs/results.md). The result is cached under a hash of everything that determines it.
 """
 
 from __future__ import annotations
@@ -79,6 +80,22 @@ def _noise_weight(alphas_cumprod: torch.Tensor, cap: float) -> torch.Tensor:
     return inverse_snr.clamp(min=1.0, max=max(cap, 1.0)).float()
 
 
+def _training_noise(noise: torch.Tensor, toy: ToyBaseConfig, gen: torch.Generator) -> torch.Tensor:
+    """Offset and pyramid (multi-resolution) noise on top of ``noise``; drawn only when used."""
+    if toy.multires_noise > 0:
+        side = noise.shape[-1]
+        scale = 1.0
+        while side > 1:
+            side //= 2
+            scale *= toy.multires_noise
+            coarse = torch.randn((*noise.shape[:2], side, side), generator=gen)
+            noise = noise + scale * torch.nn.functional.interpolate(coarse, size=noise.shape[-2:], mode="bilinear")
+        noise = noise / noise.std(dim=(1, 2, 3), keepdim=True)
+    if toy.noise_offset > 0:
+        noise = noise + toy.noise_offset * torch.randn((*noise.shape[:2], 1, 1), generator=gen)
+    return noise
+
+
 def _train_unet(pipe, scheduler, latents: torch.Tensor, captions: list[str], toy: ToyBaseConfig,
                 gen: torch.Generator, log: Callable[[str], None]) -> None:
     """Epsilon-prediction training of the UNet and (``toy.train_text_encoder``) the text encoder with it.
@@ -107,6 +124,7 @@ def _train_unet(pipe, scheduler, latents: torch.Tensor, captions: list[str], toy
         x0 = latents[idx]
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, n_train, (toy.batch_size,), generator=gen)
+        noise = _training_noise(noise, toy, gen)
         prompt_idx = caption_ids[idx]
         if toy.prompt_dropout > 0:  # drawn only when used: the default recipe keeps its random stream
             drop = torch.rand(toy.batch_size, generator=gen) < toy.prompt_dropout
@@ -144,7 +162,7 @@ def pretrain_toy_base(images: np.ndarray, captions: list[str], out_dir: str | Pa
     gen = torch.Generator().manual_seed(toy.seed)
     with atomic_directory(out_dir) as tmp:
         build_toy_sd15(str(tmp / "init"), vocabulary=vocabulary, resolution=resolution, seed=toy.seed,
-                       pooled_text=toy.pooled_text)
+                       pooled_text=toy.pooled_text, full_resolution_attention=toy.full_resolution_attention)
         pipe = StableDiffusionPipeline.from_pretrained(str(tmp / "init"))
         shutil.rmtree(tmp / "init")
         pixels = _to_pixels(images)
