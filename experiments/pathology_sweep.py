@@ -10,6 +10,7 @@ step whether the pattern ``tests/test_pathology.py`` asserts holds for every see
 The learning rate is constant, so the probe at step k is what a k-step run ends with.
 
     python experiments/pathology_sweep.py --out /tmp/sweep --seeds 0 1 2 3 --steps 200 --every 25
+    python experiments/pathology_sweep.py --out /tmp/sweep-colour --set model.toy.multires_noise=0.8 ...  # a recipe
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--every", type=int, default=25)
     parser.add_argument("--toy-cache", help="a toy-base cache folder to reuse (model.toy.cache_dir)")
+    parser.add_argument("--set", nargs="*", default=[], help="more params.yaml overrides, key=value")
     args = parser.parse_args()
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{tempfile.mkdtemp()}/mlflow.db")
 
@@ -46,7 +48,8 @@ def main() -> None:
     from sdpo.train.trainer import train
 
     out = args.out.resolve()
-    setup = [f"data.root={out / 'root'}"] + ([f"model.toy.cache_dir={args.toy_cache}"] if args.toy_cache else [])
+    setup = [f"data.root={out / 'root'}", *args.set] + (
+        [f"model.toy.cache_dir={args.toy_cache}"] if args.toy_cache else [])
     ctx = stages.StageContext.load(ROOT / "params.yaml", setup)
     layout = ctx.layout
     for split in ("train", "heldout"):

@@ -73,7 +73,10 @@ def test_evaluate_writes_every_file(eval_a, model_dir: Path) -> None:
         "manifest.json",
         "metrics.json",
         "scores.jsonl",
+        "summary.json",
     ]
+    summary = json.loads((out / "summary.json").read_text())  # DVC's metrics: flat, one number per reward
+    assert summary == {name: entry["mean"] for name, entry in metrics["rewards"].items()}
     assert not any(p.name.startswith(".") for p in out.parent.iterdir())  # the temporary folder is gone
     images = read_images(out)
     assert sorted(images) == [f"p{i:05d}_s{s}.png" for i in range(3) for s in (7, 8)]

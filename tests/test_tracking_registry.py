@@ -219,6 +219,8 @@ def test_cli_says_what_it_did_and_serves_the_champion(world, mlflow_tracking: st
     assert "alias previous-champion -> version 1; alias champion -> version 2" in out
     assert registry_state(name)["aliases"] == {"champion": "2", "previous-champion": "1"}
     assert json.loads((world.root / "reports/promotion.json").read_text())["outcome"] == "promoted"
+    summary = json.loads((world.root / "reports/promotion_summary.json").read_text())  # what DVC shows
+    assert summary["version"] == 2 and summary["champion"] is True and summary["win_rate_lower"] > 0.5
 
     assert main(["register", "--config", config, "--arm", "good"]) == 0
     out = capsys.readouterr().out
