@@ -67,7 +67,7 @@ class ToyBaseConfig(_Section):
     # Conditioning: what each knob does to the colour and shape rates, and at what cost, is measured in
     # docs/results.md ("Does the toy base follow its prompts?"). The defaults (all off) are the base the method's
     # results were measured on, which ignores its prompts; experiments/colour-following.yaml turns on the recipe
-    # whose colour follows the prompt at the same cost (on it plain DPO's winner-error rise is much weaker).
+    # whose colour follows the prompt at the same cost (on it the safeguard's held-out pattern does not hold).
     pooled_text: bool = False  # UNet also gets the attention-pooled prompt in its time embedding
     full_resolution_attention: bool = False  # cross-attention at 16x16 as well as 8x8
     train_text_encoder: bool = False  # the text encoder learns with the UNet (else it stays random and frozen)
