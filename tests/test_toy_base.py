@@ -42,5 +42,7 @@ def test_the_colour_following_base_draws_the_prompts_colour(colour_base):
     colour_rate, shape_rate = float(parts.colour_ok.mean()), float(parts.shape_ok.mean())
     print(f"train prompts, {len(units)} images: colour {colour_rate:.2f}, shape {shape_rate:.2f}")
     assert colour_rate >= 0.4, (colour_rate, shape_rate)  # chance: 1/6
-    # one seed, twenty prompts: the drawn colour changes with the prompt, not only with the noise
-    assert len({parts.colour[i] for i, unit in enumerate(units) if unit.seed == UNSEEN_SEEDS[0]}) >= 4
+    # one seed, twenty prompts: the drawn colour changes with the prompt, not only with the noise (measured: 4.75
+    # colours per seed on average for this recipe, 1.75 for the default base, whose seed decides the colour)
+    per_seed = [len({parts.colour[i] for i, unit in enumerate(units) if unit.seed == seed}) for seed in UNSEEN_SEEDS]
+    assert np.mean(per_seed) >= 3, per_seed
