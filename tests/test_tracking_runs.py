@@ -162,7 +162,7 @@ def test_log_eval_dir_logs_the_records_promotion_reads(mlflow_tracking: str, eva
     assert logged.params["eval.num_inference_steps"] == "2" and logged.params["eval.prompts"] == "3"
     names = sorted(a.path for a in client.list_artifacts(run.info.run_id, "eval"))
     assert names == ["eval/grid.png", "eval/images", "eval/manifest.json", "eval/metrics.json", "eval/scores.jsonl",
-                     "eval/scores_table.json"]
+                     "eval/scores_table.json", "eval/summary.json"]
     images = sorted(a.path for a in client.list_artifacts(run.info.run_id, "eval/images"))
     assert images == sorted(f"eval/{p.relative_to(folder).as_posix()}" for p in (folder / "images").iterdir())
 
