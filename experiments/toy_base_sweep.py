@@ -18,38 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from io import BytesIO
 from pathlib import Path
 
 import numpy as np
-
-
-def _parse_sets(items: list[str]) -> dict[str, object]:
-    import yaml
-
-    out: dict[str, object] = {}
-    for item in items:
-        key, _, value = item.partition("=")
-        out[key] = yaml.safe_load(value)
-    return out
-
-
-def _rates(pipe, prompts: list[str], seeds: list[int], guidance: float, steps: int) -> dict[str, float]:
-    import torch
-
-    from sdpo.eval.rewards.alignment import alignment_parts
-
-    images, used = [], []
-    for prompt in prompts:
-        gens = [torch.Generator().manual_seed(s) for s in seeds]
-        with torch.no_grad():
-            out = pipe(prompt=[prompt] * len(seeds), num_inference_steps=steps, guidance_scale=guidance,
-                       generator=gens, output_type="np").images
-        images += [np.round(im * 255).astype(np.uint8) for im in out]
-        used += [prompt] * len(seeds)
-    parts = alignment_parts(images, used)
-    return {"colour": float(parts.colour_ok.mean()), "shape": float(parts.shape_ok.mean()),
-            "both": float((parts.colour_ok & parts.shape_ok).mean()), "alignment": float(parts.score.mean()),
-            "n": len(images)}
+from PIL import Image
 
 
 def _table(out: Path) -> str:
@@ -93,41 +66,33 @@ def main() -> None:
         parser.error("--name is required to train a recipe")
 
     import torch
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    from sdpo.config import ToyBaseConfig
+    from sdpo.config import EvalConfig, load_config
     from sdpo.data import synthetic
+    from sdpo.eval.generate import load_pipeline, prompt_following
     from sdpo.train.pretrain import pretrain_toy_base
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    toy = ToyBaseConfig(**_parse_sets(args.set))
+    toy = load_config(None, [f"model.toy.{item}" for item in args.set]).model.toy
     table = synthetic.make_pairs(args.pairs, seed=0, split="train")
-    decode = synthetic.decode_png if hasattr(synthetic, "decode_png") else None
-    from io import BytesIO
-
-    from PIL import Image
-
-    def _img(b: bytes) -> np.ndarray:
-        return decode(b) if decode else np.asarray(Image.open(BytesIO(b)).convert("RGB"))
-
-    images = np.stack([_img(b) for b in table["jpg_0"].to_pylist()] + [_img(b) for b in table["jpg_1"].to_pylist()])
+    images = np.stack([np.asarray(Image.open(BytesIO(b)).convert("RGB"))
+                       for column in ("jpg_0", "jpg_1") for b in table[column].to_pylist()])
     captions = table["caption"].to_pylist() * 2
     folder = args.out / args.name
     tic = time.perf_counter()
     pretrain_toy_base(images, captions, folder, toy=toy, resolution=16, vocabulary=list(synthetic.VOCABULARY),
                       log=lambda m: print(f"[{args.name}] {m}", flush=True))
     train_s = time.perf_counter() - tic
-    pipe = StableDiffusionPipeline.from_pretrained(str(folder), local_files_only=True)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = load_pipeline(folder, "ddim", torch.device("cpu"))
     seeds = list(range(10_000, 10_000 + args.seeds))
     result = {"name": args.name, "toy": toy.model_dump(mode="json"), "train_seconds": round(train_s, 1),
               "threads": torch.get_num_threads(), "guidance": {}}
     for g in args.guidance:
+        cfg = EvalConfig(guidance_scale=g, num_inference_steps=args.steps, batch_size=80)
         result["guidance"][str(g)] = {
-            "train_prompts": _rates(pipe, synthetic.prompts("train"), seeds, g, args.steps),
-            "heldout_prompts": _rates(pipe, synthetic.prompts("heldout"), seeds, g, args.steps),
+            f"{split}_prompts": prompt_following(pipe, synthetic.prompts(split), seeds, cfg)[1].rates()
+            for split in ("train", "heldout")
         }
         print(f"[{args.name}] guidance {g}: {json.dumps(result['guidance'][str(g)])}", flush=True)
     (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")

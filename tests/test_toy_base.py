@@ -14,8 +14,7 @@ import torch
 
 from sdpo.config import EvalConfig, load_config
 from sdpo.data.synthetic import prompts
-from sdpo.eval.generate import generate_images, generation_settings, load_pipeline, plan_units
-from sdpo.eval.rewards.alignment import alignment_parts
+from sdpo.eval.generate import load_pipeline, prompt_following
 
 ROOT = Path(__file__).resolve().parents[1]
 UNSEEN_SEEDS = [10_000 + k for k in range(8)]  # the evaluation uses 1234 onwards; training never sees any seed
@@ -34,11 +33,9 @@ def colour_base(toy_shards, toy_cache) -> Path:
 
 
 def test_the_colour_following_base_draws_the_prompts_colour(colour_base):
-    cfg = EvalConfig()  # the default sampler: DDIM, 20 steps, no guidance
-    pipe = load_pipeline(colour_base, cfg.scheduler, torch.device("cpu"))
-    units = plan_units(prompts("train"), UNSEEN_SEEDS)
-    images = [np.asarray(image) for _, image in generate_images(pipe, units, generation_settings(pipe, cfg), 80)]
-    parts = alignment_parts(images, [unit.prompt for unit in units])
+    pipe = load_pipeline(colour_base, EvalConfig().scheduler, torch.device("cpu"))
+    # the default sampler (DDIM, 20 steps, no guidance)
+    units, parts = prompt_following(pipe, prompts("train"), UNSEEN_SEEDS, EvalConfig(batch_size=80))
     colour_rate, shape_rate = float(parts.colour_ok.mean()), float(parts.shape_ok.mean())
     print(f"train prompts, {len(units)} images: colour {colour_rate:.2f}, shape {shape_rate:.2f}")
     assert colour_rate >= 0.4, (colour_rate, shape_rate)  # chance: 1/6

@@ -31,6 +31,7 @@ from sdpo import fs
 from sdpo.config import ConfigError, EvalConfig
 from sdpo.errors import DataError, ModelError
 from sdpo.eval.rewards import RewardModel, load_reward
+from sdpo.eval.rewards.alignment import Alignment, alignment_parts
 from sdpo.eval.winrate import bootstrap_ci
 
 SCHEMA_VERSION = 1
@@ -144,6 +145,19 @@ def generate_images(
                 output_type="pil",
             )
         yield from zip(batch, output.images, strict=True)
+
+
+def prompt_following(
+    pipe, prompts: Sequence[str], seeds: Sequence[int], cfg: EvalConfig
+) -> tuple[list[ImageUnit], Alignment]:
+    """Sample every prompt on ``seeds`` as the evaluation does and classify each image against its prompt.
+
+    Only for prompts of the synthetic world, whose ground truth (colour, shape) the alignment reward reads.
+    """
+    units = plan_units(prompts, seeds)
+    settings = generation_settings(pipe, cfg)
+    images = [np.asarray(image) for _, image in generate_images(pipe, units, settings, cfg.batch_size)]
+    return units, alignment_parts(images, [unit.prompt for unit in units])
 
 
 def load_rewards(cfg: EvalConfig, device: torch.device) -> dict[str, RewardModel]:

@@ -43,6 +43,12 @@ class Alignment:
         """The combined reward: mean of colour and shape fidelity."""
         return 0.5 * (self.colour_fidelity + self.shape_fidelity)
 
+    def rates(self) -> dict[str, float]:
+        """The shares of images whose colour / shape / both are the prompt's, the mean reward, the image count."""
+        return {"colour": float(self.colour_ok.mean()), "shape": float(self.shape_ok.mean()),
+                "both": float((self.colour_ok & self.shape_ok).mean()), "alignment": float(self.score.mean()),
+                "n": len(self.colour)}
+
 
 def coverage(image: np.ndarray) -> np.ndarray:
     """Soft object coverage (HxW in [0, 1]) of a float HxWx3 image in [0, 1].
