@@ -180,6 +180,7 @@ class SDPOFlow(FlowSpec):
         """Paired win rates of every variant against the base."""
         from sdpo import stages
         from sdpo.layout import BASE_ARM
+        from sdpo.report import comparison_summary
         from sdpo.runtime import isolated_scratch
 
         self.merge_artifacts(inputs, include=["resolved", "root", "t_start", "parent_run_id", "config_source",
@@ -188,11 +189,8 @@ class SDPOFlow(FlowSpec):
         self.train_summaries = {b.arm: b.summary for b in inputs if b.summary}
         with isolated_scratch():
             ctx = self._ctx()
-            self.comparison = {
-                arm: {reward: {k: v for k, v in result.items() if k != "per_prompt"}
-                      for reward, result in stages.compare(ctx, arm)["rewards"].items()}
-                for arm in self.arms if arm != BASE_ARM
-            }
+            self.comparison = {arm: comparison_summary(stages.compare(ctx, arm))
+                               for arm in self.arms if arm != BASE_ARM}
         self.next(self.register)
 
     @card(type="blank", id="report")

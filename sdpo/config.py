@@ -219,7 +219,16 @@ class PreferenceModelConfig(_Section):
     seed: int = 0
 
 
+class PromptSetConfig(_Section):
+    """A further prompt set, evaluated beside ``eval.prompts`` with the same sampler and rewards."""
+
+    prompts: str  # "train" / "heldout" (the synthetic world's sets) or a text file, one prompt a line
+    seeds_per_prompt: int = Field(4, ge=1)
+    seed: int | None = None  # default: eval.seed
+
+
 class EvalConfig(_Section):
+    # the headline set: promotion, the held-out deltas' companion rewards and DVC's metrics read it
     prompts: str = "heldout"  # "heldout" (synthetic held-out prompts) or a text file, one prompt a line
     seeds_per_prompt: int = Field(16, ge=1)
     seed: int = 1234
@@ -234,6 +243,25 @@ class EvalConfig(_Section):
     bootstrap_samples: int = Field(1000, ge=10)
     heldout_pairs: int = Field(64, ge=1)
     preference_model: PreferenceModelConfig = PreferenceModelConfig()
+    # further prompt sets by name (e.g. unseen seeds of the train prompts), each reported beside the headline set
+    prompt_sets: dict[str, PromptSetConfig] = {"train": PromptSetConfig(prompts="train", seeds_per_prompt=4)}
+
+    @field_validator("prompt_sets")
+    @classmethod
+    def _set_names(cls, value: dict[str, PromptSetConfig]) -> dict[str, PromptSetConfig]:
+        for name in value:
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name):
+                raise ValueError(f"prompt set {name!r}: use letters, digits, '-' or '_' (it becomes a folder name)")
+        return value
+
+    def for_prompt_set(self, name: str) -> EvalConfig:
+        """This section as the evaluation of prompt set ``name`` (its prompts and seeds; no further sets)."""
+        if name not in self.prompt_sets:
+            raise ConfigError(f"eval.prompt_sets: unknown prompt set {name!r}; defined: {sorted(self.prompt_sets)}")
+        chosen = self.prompt_sets[name]
+        return self.model_copy(update={"prompts": chosen.prompts, "seeds_per_prompt": chosen.seeds_per_prompt,
+                                       "seed": self.seed if chosen.seed is None else chosen.seed,
+                                       "prompt_sets": {}})
 
 
 class RegistryConfig(_Section):
@@ -360,7 +388,10 @@ def _split_override(item: str) -> tuple[str, str]:
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
-    """Apply ``a.b.c=value`` overrides (values parsed as YAML, as OmegaConf dotlists are) to a raw dict."""
+    """Apply ``a.b.c=value`` overrides (values parsed as YAML, as OmegaConf dotlists are) to a raw dict.
+
+    Mappings merge (``train.variants.dpo.mu=0.5`` keeps the other variants); ``key={}`` empties one.
+    """
     if not overrides:
         return raw
     from omegaconf import OmegaConf
@@ -370,7 +401,11 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[st
     for item in overrides:
         key, value = _split_override(item)
         try:
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([f"{key}={value}"]))
+            update = OmegaConf.from_dotlist([f"{key}={value}"])
+            if OmegaConf.select(update, key) == {}:  # `key={}` empties a mapping; a merge would keep its entries
+                OmegaConf.update(merged, key, {}, merge=False)
+            else:
+                merged = OmegaConf.merge(merged, update)
         except Exception as err:  # PyYAML (value) and OmegaConf (key) errors alike
             detail = str(err).splitlines()[0] if str(err) else type(err).__name__
             if not isinstance(err, OmegaConfBaseException):

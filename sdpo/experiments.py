@@ -310,11 +310,15 @@ def run_experiment(cfg: Config, name: str, *, seeds: Sequence[int] = DEFAULT_SEE
 # --- collecting ---------------------------------------------------------------------------------------------
 
 
-def _eval_dir(layout: RunLayout, arm: str, stack: Any) -> tuple[dict, dict, dict]:
+def _eval_dirs(layout: RunLayout, arm: str, prompt_sets: Sequence[str],
+               stack: Any) -> dict[str, tuple[dict, dict, dict]]:
+    """The arm's evaluation of the headline prompt set (key ``""``) and of each further set, read."""
     from sdpo.eval.winrate import read_eval_dir
+    from sdpo.layout import EVAL_SETS
     from sdpo.stages import EVAL_MARKER
 
-    return read_eval_dir(stack.enter_context(fs.local_copy(layout.evals(arm), marker=EVAL_MARKER)))
+    root = stack.enter_context(fs.local_copy(layout.evals(arm), marker=EVAL_MARKER))
+    return {label: read_eval_dir(root / EVAL_SETS / label if label else root) for label in ["", *prompt_sets]}
 
 
 def _seed_rows(table: str, per_seed: dict[tuple[str, str], list[float]], n_seeds: int) -> list[ResultRow]:
@@ -327,11 +331,32 @@ def _seed_rows(table: str, per_seed: dict[tuple[str, str], list[float]], n_seeds
     return rows
 
 
+def _pool_win_outcomes(evals: dict[str, tuple[dict, dict, dict]], arms: Sequence[str], where: str, suffix: str,
+                       pooled: dict[tuple[str, str, str], tuple[list, list, list]]) -> None:
+    """Add one seed's paired scores of every (arm vs base) and (arm vs arm) pair to ``pooled``."""
+    from sdpo.eval.winrate import check_comparable, win_outcomes
+
+    pairs = [(arm, BASE_ARM) for arm in arms] + [(b, a) for i, a in enumerate(arms) for b in arms[i + 1:]]
+    for cand, base in pairs:
+        (c_manifest, c_rows, _), (b_manifest, b_rows, _) = evals[cand], evals[base]
+        check_comparable(c_manifest, b_manifest, (f"{where} {cand}", f"{where} {base}"))
+        if set(c_rows) != set(b_rows):
+            raise DataError(f"{where}: the score rows of {cand} and {base} are not the same images")
+        units = sorted(c_rows)
+        for reward in [r for r in c_manifest.get("rewards", []) if r in b_manifest.get("rewards", [])]:
+            c = np.array([c_rows[u]["scores"][reward] for u in units], dtype=np.float64)
+            b = np.array([b_rows[u]["scores"][reward] for u in units], dtype=np.float64)
+            entry = pooled.setdefault((reward + suffix, cand, base), ([], [], []))
+            entry[0].append(c)
+            entry[1].append(b)
+            entry[2].append(float(win_outcomes(c, b).mean()))
+
+
 def collect(layouts: dict[int, RunLayout], arms: Sequence[str], cfg: Config) -> tuple[list[ResultRow], list[dict]]:
     """The result rows (every table) and the per-step curve rows of the seed runs in ``layouts``."""
     import contextlib
 
-    from sdpo.eval.winrate import check_comparable, paired_win_rate, win_outcomes
+    from sdpo.eval.winrate import paired_win_rate
 
     all_arms = [BASE_ARM, *arms]
     rewards: dict[tuple[str, str], list[float]] = {}
@@ -341,29 +366,18 @@ def collect(layouts: dict[int, RunLayout], arms: Sequence[str], cfg: Config) -> 
     curves: list[dict[str, Any]] = []
     for seed, layout in layouts.items():
         with contextlib.ExitStack() as stack:
-            evals = {arm: _eval_dir(layout, arm, stack) for arm in all_arms}
-            for arm, (_, _, metrics) in evals.items():
-                for reward, stats in metrics.get("rewards", {}).items():
-                    rewards.setdefault((reward, arm), []).append(float(stats["mean"]))
-                if arm != BASE_ARM:
-                    for key in HELDOUT_METRICS:
-                        value = (metrics.get("heldout") or {}).get(key.removeprefix("heldout_"))
-                        if value is not None:
-                            heldout.setdefault((key, arm), []).append(float(value))
-            pairs = [(arm, BASE_ARM) for arm in arms] + [(b, a) for i, a in enumerate(arms) for b in arms[i + 1:]]
-            for cand, base in pairs:
-                (c_manifest, c_rows, _), (b_manifest, b_rows, _) = evals[cand], evals[base]
-                check_comparable(c_manifest, b_manifest, (f"seed {seed} {cand}", f"seed {seed} {base}"))
-                if set(c_rows) != set(b_rows):
-                    raise DataError(f"seed {seed}: the score rows of {cand} and {base} are not the same images")
-                units = sorted(c_rows)
-                for reward in [r for r in c_manifest.get("rewards", []) if r in b_manifest.get("rewards", [])]:
-                    c = np.array([c_rows[u]["scores"][reward] for u in units], dtype=np.float64)
-                    b = np.array([b_rows[u]["scores"][reward] for u in units], dtype=np.float64)
-                    entry = pooled.setdefault((reward, cand, base), ([], [], []))
-                    entry[0].append(c)
-                    entry[1].append(b)
-                    entry[2].append(float(win_outcomes(c, b).mean()))
+            by_arm = {arm: _eval_dirs(layout, arm, list(cfg.eval.prompt_sets), stack) for arm in all_arms}
+            for label in ["", *cfg.eval.prompt_sets]:  # a further set's metrics are named <reward>@<set>
+                evals, suffix = {arm: dirs[label] for arm, dirs in by_arm.items()}, f"@{label}" if label else ""
+                for arm, (_, _, metrics) in evals.items():
+                    for reward, stats in metrics.get("rewards", {}).items():
+                        rewards.setdefault((reward + suffix, arm), []).append(float(stats["mean"]))
+                    if arm != BASE_ARM and not label:
+                        for key in HELDOUT_METRICS:
+                            value = (metrics.get("heldout") or {}).get(key.removeprefix("heldout_"))
+                            if value is not None:
+                                heldout.setdefault((key, arm), []).append(float(value))
+                _pool_win_outcomes(evals, arms, f"seed {seed}{' ' + label if label else ''}", suffix, pooled)
         for arm in arms:
             train_rows = fs.read_jsonl(layout.training_file(arm, "metrics.jsonl"))
             for key, value in lambda_summary(train_rows).items():
@@ -421,7 +435,9 @@ def render_markdown(rows: list[ResultRow], summary: dict[str, Any], plots: list[
         if table == "winrate":
             continue
         fmt = _FORMATS[table].format
-        out += [f"## {metric} ({_TITLES[table]})", ""]
+        reward, _, prompt_set = metric.partition("@")
+        where = f", prompt set `{prompt_set}`" if prompt_set else ""
+        out += [f"## {reward} ({_TITLES[table]}{where})", ""]
         body = [[r.arm, fmt(r.mean), f"[{fmt(r.ci_low)}, {fmt(r.ci_high)}]", " ".join(fmt(v) for v in r.values)]
                 for r in groups[(table, metric)]]
         out += [tabulate(body, headers=["arm", "mean", "95% t-interval", f"per seed ({' '.join(map(str, seeds))})"],
@@ -432,7 +448,7 @@ def render_markdown(rows: list[ResultRow], summary: dict[str, Any], plots: list[
                 out += [f"Not logged for {', '.join(missing)} (no safeguard: lambda is 1).", ""]
         if table == "reward" and ("winrate", metric) in groups:
             fmt = _FORMATS["winrate"].format
-            out += [f"### {metric}: paired win rates (pooled over seeds)", ""]
+            out += [f"### {reward}{where}: paired win rates (pooled over seeds)", ""]
             body = [[r.arm, r.baseline, fmt(r.mean), f"[{fmt(r.ci_low)}, {fmt(r.ci_high)}]",
                      f"{r.wins}/{r.ties}/{r.losses}", str(r.n), " ".join(fmt(v) for v in r.values)]
                     for r in groups[("winrate", metric)]]

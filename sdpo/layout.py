@@ -15,6 +15,7 @@ The flow, the stages and ``dvc.yaml`` use these paths and nothing else (``tests/
     ROOT/rewards/<name>/                a reward model the pipeline trains (the embedded `preference` scorer):
                                         model.safetensors, config.json (written last)
     ROOT/evals/<arm>/                   images/, scores.jsonl, manifest.json, grid.png, summary.json,
+                                        sets/<prompt set>/ (the same files for each further prompt set),
                                         metrics.json (written last)
     ROOT/reports/                       compare-<arm>.json, registry.json, promotion.json,
                                         promotion_summary.json, summary.json
@@ -33,6 +34,7 @@ from sdpo.fs import is_remote, join
 
 SPLITS = ("train", "heldout")
 BASE_ARM = "base"
+EVAL_SETS = "sets"  # evals/<arm>/sets/<name>/: each further prompt set, a whole evaluation folder
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
 
@@ -115,6 +117,13 @@ class RunLayout:
 
     def evals(self, arm: str) -> str:
         return self.path("evals", _name("arm", arm))
+
+    def eval_sets(self, arm: str) -> str:
+        """The evaluations of the further prompt sets (``eval.prompt_sets``), published inside the arm's one."""
+        return join(self.evals(arm), EVAL_SETS)
+
+    def eval_set(self, arm: str, prompt_set: str) -> str:
+        return join(self.eval_sets(arm), _name("prompt set", prompt_set))
 
     def reports(self) -> str:
         return self.path("reports")

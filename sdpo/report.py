@@ -8,27 +8,47 @@ from sdpo import fs
 from sdpo.layout import BASE_ARM, RunLayout
 
 
+def comparison_summary(result: dict[str, Any]) -> dict[str, Any]:
+    """A compare stage result as the run keeps it: per reward the win rate and its interval (no per-prompt rows),
+    for the headline prompt set and, under ``prompt_sets``, for each further set."""
+    def win_rates(rewards: dict[str, dict]) -> dict[str, dict]:
+        return {reward: {k: v for k, v in stats.items() if k != "per_prompt"} for reward, stats in rewards.items()}
+
+    return {**win_rates(result["rewards"]),
+            "prompt_sets": {name: win_rates(entry["rewards"]) for name, entry in result.get("prompt_sets", {}).items()}}
+
+
 def reward_rows(arm_metrics: dict[str, dict], comparison: dict[str, dict]) -> list[list[str]]:
-    """Rows: arm, reward, mean [95% CI], win rate vs base [95% CI], held-out winner / loser deltas."""
+    """Rows: arm, prompts, reward, mean [95% CI], win rate vs base [95% CI], held-out winner / loser deltas.
+
+    The headline prompt set first (``metrics["rewards"]``, ``comparison[arm][reward]``), then each further set
+    (``metrics["prompt_sets"][name]``, ``comparison[arm]["prompt_sets"][name]``); the held-out deltas, which do not
+    depend on prompts, are on the headline rows only.
+    """
     rows = []
     for arm in sorted(arm_metrics):
         metrics = arm_metrics[arm]
         heldout = metrics.get("heldout") or {}
-        for reward, stats in sorted(metrics.get("rewards", {}).items()):
-            vs = comparison.get(arm, {}).get(reward)
-            win = f"{vs['win_rate']:.3f} [{vs['ci_low']:.3f}, {vs['ci_high']:.3f}]" if vs else "(baseline)"
-            rows.append([
-                arm,
-                reward,
-                f"{stats['mean']:.4f} [{stats['ci_low']:.4f}, {stats['ci_high']:.4f}]",
-                win,
-                _fmt(heldout.get("winner_delta")),
-                _fmt(heldout.get("loser_delta")),
-            ])
+        sets = [(str(metrics.get("prompts", "eval")), metrics.get("rewards", {}), comparison.get(arm, {}), heldout)]
+        sets += [(name, entry.get("rewards", {}), comparison.get(arm, {}).get("prompt_sets", {}).get(name, {}), {})
+                 for name, entry in sorted((metrics.get("prompt_sets") or {}).items())]
+        for label, rewards, versus, deltas in sets:
+            for reward, stats in sorted(rewards.items()):
+                vs = versus.get(reward)
+                win = f"{vs['win_rate']:.3f} [{vs['ci_low']:.3f}, {vs['ci_high']:.3f}]" if vs else "(baseline)"
+                rows.append([
+                    arm,
+                    label,
+                    reward,
+                    f"{stats['mean']:.4f} [{stats['ci_low']:.4f}, {stats['ci_high']:.4f}]",
+                    win,
+                    _fmt(deltas.get("winner_delta")),
+                    _fmt(deltas.get("loser_delta")),
+                ])
     return rows
 
 
-REWARD_HEADERS = ["arm", "reward", "mean [95% CI]", "win rate vs base [95% CI]", "held-out m_w - r_w",
+REWARD_HEADERS = ["arm", "prompts", "reward", "mean [95% CI]", "win rate vs base [95% CI]", "held-out m_w - r_w",
                   "held-out m_l - r_l"]
 
 
@@ -115,10 +135,13 @@ def card_components(layout: RunLayout, arms: list[str], arm_metrics: dict[str, d
         parts.append(VegaChart(_histogram(lambdas, "safeguard lambda (per logged window)")))
     parts.append(Markdown("## Samples (rows: prompts, columns: sampling seeds)"))
     for arm in sorted(arms):
-        grid = fs.join(layout.evals(arm), "grid.png")
-        if fs.exists(grid):
-            parts.append(Markdown(f"### {arm}"))
-            parts.append(Image(src=fs.read_bytes(grid), label=arm))
+        grids = [("", fs.join(layout.evals(arm), "grid.png"))]
+        grids += [(f", prompt set {name}", fs.join(layout.eval_set(arm, name), "grid.png"))
+                  for name in sorted(arm_metrics.get(arm, {}).get("prompt_sets") or {})]
+        for suffix, grid in grids:
+            if fs.exists(grid):
+                parts.append(Markdown(f"### {arm}{suffix}"))
+                parts.append(Image(src=fs.read_bytes(grid), label=f"{arm}{suffix}"))
     return parts
 
 

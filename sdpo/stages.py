@@ -25,8 +25,8 @@ from typing import Any
 
 from sdpo import fs
 from sdpo.config import Config, ConfigError, config_to_dict, load_config
-from sdpo.errors import ModelError, TrainingError
-from sdpo.layout import BASE_ARM, SPLITS, RunLayout
+from sdpo.errors import DataError, ModelError, TrainingError
+from sdpo.layout import BASE_ARM, EVAL_SETS, SPLITS, RunLayout
 from sdpo.locks import writes
 
 MANIFEST = "manifest.json"
@@ -508,11 +508,25 @@ def evaluate(ctx: StageContext, arm: str, *, model: str | None = None, base: str
         heldout = stack.enter_context(fs.local_copy(heldout_uri, marker=MANIFEST)) if deltas else None
         extra = {"heldout": {"winner_delta": 0.0, "loser_delta": 0.0, "n_pairs": 0}} if heldout_uri and is_base \
             else None
-        work = stack.enter_context(fs.scratch("sdpo-eval-")) / "eval"
-        metrics = evaluate_model(local_model, prompts, work, _scoring_config(ctx).eval, base_dir=local_base,
+        scratch = stack.enter_context(fs.scratch("sdpo-eval-"))
+        work, scoring = scratch / "eval", _scoring_config(ctx).eval
+        set_metrics = {}
+        for name in scoring.prompt_sets:  # each a whole evaluation folder, moved under work/sets/ below
+            set_cfg = scoring.for_prompt_set(name)
+            result = evaluate_model(local_model, resolve_prompts(set_cfg.prompts), scratch / EVAL_SETS / name,
+                                    set_cfg, model_uri=model_uri)
+            set_metrics[name] = {"prompts": set_cfg.prompts, "seeds_per_prompt": set_cfg.seeds_per_prompt,
+                                 "rewards": result.get("rewards", {})}
+        extra = {**(extra or {}), "prompts": ctx.cfg.eval.prompts, "prompt_sets": set_metrics}
+        metrics = evaluate_model(local_model, prompts, work, scoring, base_dir=local_base,
                                  heldout_shards=heldout, extra_metrics=extra, model_uri=model_uri)
         if not metrics:
             return {}  # not the main process of a multi-process evaluation: the main one logs and publishes
+        (scratch / EVAL_SETS).mkdir(exist_ok=True)
+        (scratch / EVAL_SETS).rename(work / EVAL_SETS)
+        # also when there are none: the folder is a DVC output, and DVC needs it to hold a file
+        fs.write_json(str(work / EVAL_SETS / "index.json"),
+                      {name: {k: v for k, v in entry.items() if k != "rewards"} for name, entry in set_metrics.items()})
         reference = _heldout_reference(metrics, model_uri, base_model, local_base) if heldout_uri else None
         run_id = _log_evaluation(ctx, arm, work, metrics, reference, model_uri, heldout, heldout_uri)
         fs.publish_dir(work, ctx.layout.evals(arm), marker=EVAL_MARKER)
@@ -541,13 +555,25 @@ def _log_evaluation(ctx: StageContext, arm: str, work: Path, metrics: dict[str, 
 
 
 def compare(ctx: StageContext, arm: str, baseline: str = BASE_ARM) -> dict[str, Any]:
-    """Paired win rates of the arm's images over the baseline arm's; written to ``layout.compare_report(arm)``."""
+    """Paired win rates of the arm's images over the baseline arm's; written to ``layout.compare_report(arm)``.
+
+    The headline prompt set's comparison is the result itself; each further prompt set (``eval.prompt_sets``)
+    is compared the same way, under ``prompt_sets.<name>``.
+    """
     from sdpo.eval.winrate import compare_eval_dirs
 
+    options = {"bootstrap_samples": ctx.cfg.eval.bootstrap_samples, "seed": ctx.cfg.eval.seed}
     with fs.local_copy(ctx.layout.evals(arm), marker=EVAL_MARKER) as cand, \
             fs.local_copy(ctx.layout.evals(baseline), marker=EVAL_MARKER) as base_eval:
-        result = compare_eval_dirs(cand, base_eval, bootstrap_samples=ctx.cfg.eval.bootstrap_samples,
-                                   seed=ctx.cfg.eval.seed)
+        result = compare_eval_dirs(cand, base_eval, **options)
+        result["prompt_sets"] = {}
+        for name in ctx.cfg.eval.prompt_sets:
+            for folder, which in ((cand, arm), (base_eval, baseline)):
+                if not (folder / EVAL_SETS / name / EVAL_MARKER).is_file():
+                    raise DataError(f"{ctx.layout.evals(which)}: no evaluation of prompt set {name!r} "
+                                    f"(eval.prompt_sets); evaluate {which} again")
+            by_set = compare_eval_dirs(cand / EVAL_SETS / name, base_eval / EVAL_SETS / name, **options)
+            result["prompt_sets"][name] = {key: by_set[key] for key in ("n", "rewards")}
     result.update(candidate=ctx.layout.evals(arm), baseline=ctx.layout.evals(baseline))
     fs.write_json(ctx.layout.compare_report(arm), result)
     return result

@@ -22,7 +22,8 @@ import pytest
 from mlflow import MlflowClient
 
 ZOO = {"good": 0.3, "better": 0.1, "best": 0.03, "worse": 0.6, "noised": 0.1}
-EVAL_SETTINGS = ["eval.seeds_per_prompt=2", "eval.num_inference_steps=2", "eval.batch_size=8",
+EVAL_SETTINGS = ["eval.seeds_per_prompt=2", "eval.num_inference_steps=2",
+                 "eval.prompt_sets.train.seeds_per_prompt=1", "eval.batch_size=8",
                  "eval.bootstrap_samples=100", "eval.heldout_pairs=8",
                  # the zoo is built for the judge (smoother images score higher), so the gate reads it
                  "eval.rewards=[synthetic]", "registry.primary_reward=synthetic"]

@@ -102,7 +102,7 @@ def test_unquoted_yaml_off_means_off(tmp_path):
 
 # --- one place for defaults ---------------------------------------------------------------------------------
 
-DICT_KEYS = ("train.variants", "eval.reward_paths", "eval.reward_sha256", "registry.guards")
+DICT_KEYS = ("train.variants", "eval.reward_paths", "eval.reward_sha256", "eval.prompt_sets", "registry.guards")
 
 
 def _leaves(raw: dict, prefix: str = "") -> set[str]:
@@ -182,3 +182,14 @@ def test_the_embedded_preference_reward_is_trained_only_for_the_synthetic_world(
     assert not given.trains_reward("preference")
     with pytest.raises(ConfigError, match=r"no weights for \['preference'\].*only for the synthetic world"):
         load_config(ROOT / "params.yaml", ["data.input=/data/pickapic.parquet"])
+
+
+def test_an_empty_mapping_override_empties_it_and_a_dotted_one_merges():
+    cfg = load_config(ROOT / "params.yaml", ["eval.prompt_sets={}"])
+    assert cfg.eval.prompt_sets == {}
+    cfg = load_config(ROOT / "params.yaml", ["eval.prompt_sets.unseen.prompts=heldout"])
+    assert set(cfg.eval.prompt_sets) == {"train", "unseen"}
+    assert cfg.eval.for_prompt_set("unseen").seed == cfg.eval.seed  # a set's seed defaults to eval.seed
+    assert cfg.eval.for_prompt_set("train").prompt_sets == {}
+    with pytest.raises(ConfigError, match="prompt set 'a b'"):
+        load_config(ROOT / "params.yaml", ["eval.prompt_sets={a b: {prompts: train}}"])

@@ -199,16 +199,34 @@ def test_cli_evaluate_and_compare(model_dir: Path, tmp_path: Path, capsys: pytes
     common = ["--config", str(ROOT / "params.yaml"), "--set", f"data.root={root}", "--set", "eval.seeds_per_prompt=2",
               "--set", "eval.seed=7", "--set", "eval.num_inference_steps=2", "--set", "eval.bootstrap_samples=50",
               "--set", f"eval.prompts={prompts_file}", "--set", "eval.batch_size=2",
-              "--set", "eval.rewards=[synthetic]", "--set", "registry.primary_reward=synthetic"]
+              "--set", "eval.rewards=[synthetic]", "--set", "registry.primary_reward=synthetic",
+              "--set", "eval.prompt_sets.train.seeds_per_prompt=1"]  # the default further set: the train prompts
     for arm in ("a", "b"):
         assert main(["evaluate", "--arm", arm, "--model", str(model_dir), *common]) == 0
-        assert "synthetic: mean" in capsys.readouterr().out
+        printed = capsys.readouterr().out
+        assert f"{prompts_file} synthetic: mean" in printed and "train synthetic: mean" in printed
     assert (root / "evals" / "a" / "metrics.json").is_file()
+    train_set = root / "evals" / "a" / "sets" / "train"  # a whole evaluation folder inside the arm's
+    assert {"metrics.json", "scores.jsonl", "manifest.json", "grid.png"} <= {p.name for p in train_set.iterdir()}
+    assert len(json.loads((train_set / "manifest.json").read_text())["prompts"]) == 20
+    headline = json.loads((root / "evals" / "a" / "metrics.json").read_text())
+    by_set = json.loads((train_set / "metrics.json").read_text())
+    assert headline["prompt_sets"]["train"]["rewards"] == by_set["rewards"]
 
     assert main(["compare", "--arm", "a", "--baseline", "b", *common[:2], *common[2:4]]) == 0
     printed = capsys.readouterr().out
     assert "reward" in printed and "win rate" in printed and "0/6/0" in printed  # the same model: all ties
-    assert json.loads((root / "reports" / "compare-a.json").read_text())["rewards"]["synthetic"]["win_rate"] == 0.5
+    assert "prompt set train: 20 paired images" in printed and "0/20/0" in printed
+    report = json.loads((root / "reports" / "compare-a.json").read_text())
+    assert report["rewards"]["synthetic"]["win_rate"] == 0.5
+    assert report["prompt_sets"]["train"]["rewards"]["synthetic"]["win_rate"] == 0.5
+
+    # a baseline evaluated without the further set cannot be compared on it: the message says which and why
+    assert main(["evaluate", "--arm", "d", "--model", str(model_dir), *common, "--set", "eval.prompt_sets={}"]) == 0
+    assert json.loads((root / "evals" / "d" / "sets" / "index.json").read_text()) == {}
+    capsys.readouterr()
+    assert main(["compare", "--arm", "a", "--baseline", "d", *common[:4]]) == 2
+    assert "no evaluation of prompt set 'train'" in capsys.readouterr().err
 
     assert main(["evaluate", "--arm", "c", "--model", str(model_dir), *common, "--set",
                  "eval.num_inference_steps=3"]) == 0

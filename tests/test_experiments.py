@@ -56,7 +56,9 @@ def test_results_have_one_row_per_arm_and_metric(experiment):
     rows = read_rows(folder)
     keys = [(r["table"], r["metric"], r["arm"], r["baseline"]) for r in rows]
     assert len(keys) == len(set(keys))
-    rewards = EvalConfig().rewards  # the default suite: preference, alignment and the labelling judge
+    # the default suite (preference, alignment and the labelling judge) on the headline prompts, then on the
+    # default further prompt set (unseen seeds of the train prompts) as <reward>@train
+    rewards = [*EvalConfig().rewards, *(f"{name}@train" for name in EvalConfig().rewards)]
     expected = {("reward", name, arm, "") for name in rewards for arm in ("base", *ARMS)}
     expected |= {("heldout", metric, arm, "") for metric in ex.HELDOUT_METRICS for arm in ARMS}
     expected |= {("lambda", metric, "dpo-sdpo", "") for metric in ex.LAMBDA_METRICS}  # dpo has no safeguard
@@ -65,13 +67,14 @@ def test_results_have_one_row_per_arm_and_metric(experiment):
     assert set(keys) == expected
 
     seed0 = folder / "seed-0"
-    scores = (seed0 / "evals" / "dpo" / "scores.jsonl").read_text().splitlines()
+    scores = {prompt_set: (seed0 / "evals" / "dpo" / folder / "scores.jsonl").read_text().splitlines()
+              for prompt_set, folder in (("", "."), ("train", "sets/train"))}
     for row in rows:
         values = [float(v) for v in row["values"].split(";")]
         mean, low, high = float(row["mean"]), float(row["ci_low"]), float(row["ci_high"])
         assert len(values) == 2 and low <= mean <= high, row
         if row["table"] == "winrate":
-            assert int(row["n"]) == 2 * len(scores)  # images of both seeds, pooled
+            assert int(row["n"]) == 2 * len(scores[row["metric"].partition("@")[2]])  # both seeds' images, pooled
             assert int(row["wins"]) + int(row["ties"]) + int(row["losses"]) == int(row["n"])
         else:
             # two seeds: t(0.975, 1) = 12.706; the interval is mean +- t * s / sqrt(2)
@@ -98,6 +101,7 @@ def test_markdown_and_plots(experiment):
     folder, summary = experiment["folder"], experiment["summary"]
     text = (folder / "results.md").read_text()
     for heading in ("## synthetic (reward)", "### synthetic: paired win rates", "## heldout_winner_delta",
+                    "## alignment (reward, prompt set `train`)", "### alignment, prompt set `train`: paired win rates",
                     "## heldout_loser_delta", "## lambda_mean", "## lambda_frac_clipped", "## lambda_frac_nonpositive"):
         assert heading in text
     assert "| dpo-sdpo | dpo  |" in text and "95% t-interval" in text and "95% bootstrap" in text

@@ -59,7 +59,7 @@ def layout_paths(layout: RunLayout, arms: list[str]) -> set[str]:
         paths |= {layout.raw(split), layout.shards(split), layout.manifest(split), layout.cache(split)}
     for arm in [*arms, BASE_ARM]:
         evals = layout.evals(arm)
-        paths |= {layout.model(arm), layout.checkpoints(arm), layout.compare_report(arm),
+        paths |= {layout.model(arm), layout.checkpoints(arm), layout.compare_report(arm), layout.eval_sets(arm),
                   *(f"{evals}/{name}" for name in ("images", "scores.jsonl", "manifest.json", "grid.png",
                                                    "summary.json", "metrics.json")),
                   *(layout.training_file(arm, name) for name in ("metrics.jsonl", "heldout.jsonl",

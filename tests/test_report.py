@@ -9,7 +9,9 @@ from sdpo.report import card_components, summary_text
 ARMS = ["base", "dpo", "dpo-sdpo"]
 METRICS = {arm: {"rewards": {name: {"mean": 0.1, "ci_low": 0.0, "ci_high": 0.2, "n": 8}
                              for name in ("preference", "alignment", "synthetic")},
-                 "heldout": {"winner_delta": 0.001, "loser_delta": 0.002}} for arm in ARMS}
+                 "heldout": {"winner_delta": 0.001, "loser_delta": 0.002}, "prompts": "heldout"} for arm in ARMS}
+for entry in METRICS.values():
+    entry["prompt_sets"] = {"train": {"prompts": "train", "rewards": entry["rewards"]}}
 COMPARISON = {arm: {name: {"win_rate": 0.6, "ci_low": 0.5, "ci_high": 0.7} for name in ("preference", "alignment",
                                                                                         "synthetic")}
               for arm in ("dpo", "dpo-sdpo")}
@@ -51,5 +53,6 @@ def test_the_summary_lists_every_reward_of_every_arm(tmp_path):
     text = summary_text(_layout(tmp_path), ARMS, METRICS, COMPARISON, REGISTRATION, "http://mlflow", run_id="7")
     for arm in ARMS:
         for name in ("preference", "alignment", "synthetic"):
-            assert any(line.split()[:2] == [arm, name] for line in text.splitlines()), (arm, name)
+            for prompts in ("heldout", "train"):
+                assert any(line.split()[:3] == [arm, prompts, name] for line in text.splitlines()), (arm, name)
     assert "card view 7/register --id report" in text

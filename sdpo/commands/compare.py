@@ -42,5 +42,8 @@ def run(args: argparse.Namespace) -> int:
     result = stages.compare(ctx, args.arm, args.baseline)
     print(f"A = {result['candidate']}\nB = {result['baseline']}\n{result['n']} paired images (prompt x seed)\n")
     print(format_table(result))
+    for name, by_set in result.get("prompt_sets", {}).items():
+        print(f"\nprompt set {name}: {by_set['n']} paired images\n")
+        print(format_table(by_set))
     print(f"\nwrote {ctx.layout.compare_report(args.arm)}")
     return 0

@@ -30,9 +30,12 @@ def run(args: argparse.Namespace) -> int:
     ctx = load_context(args)
     metrics = stages.evaluate(ctx, args.arm, model=args.model)
     print(f"evaluated {args.arm} -> {ctx.layout.evals(args.arm)}")
-    for name, summary in metrics["rewards"].items():
-        print(f"  {name}: mean {summary['mean']:.4f}  95% CI [{summary['ci_low']:.4f}, {summary['ci_high']:.4f}]"
-              f"  n={summary['n']}")
+    sets = [(metrics.get("prompts", "eval"), metrics["rewards"])]
+    sets += [(name, entry["rewards"]) for name, entry in metrics.get("prompt_sets", {}).items()]
+    for label, rewards in sets:
+        for name, summary in rewards.items():
+            print(f"  {label} {name}: mean {summary['mean']:.4f}  95% CI [{summary['ci_low']:.4f}, "
+                  f"{summary['ci_high']:.4f}]  n={summary['n']}")
     for key, value in metrics.get("heldout", {}).items():
         print(f"  heldout {key}: {value:.6g}" if isinstance(value, float) else f"  heldout {key}: {value}")
     return 0
