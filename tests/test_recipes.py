@@ -65,6 +65,7 @@ def test_recipe_loads_with_the_papers_numbers(name):
     assert cfg.data.resolution == resolution and not cfg.data.keep_ties
     e = cfg.eval
     assert (e.scheduler, e.num_inference_steps, e.guidance_scale, e.seeds_per_prompt) == ("euler", 50, 8.5, 1)
+    assert e.prompt_sets == {}  # the schema's default further set is the synthetic world's train prompts
     # two arms: the method alone and the method with the safeguard; the candidate is the safeguarded one
     arms = {arm: t.for_variant(arm) for arm in t.variants}
     assert {arm: v.method for arm, v in arms.items()} == {method: method, f"{method}-sdpo": method}

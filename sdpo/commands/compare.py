@@ -15,6 +15,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Compare ROOT/evals/ARM with ROOT/evals/BASELINE (the same prompts, seeds and generation "
         "settings). Each (prompt, seed) image is one paired unit: win = 1, tie = 0.5, loss = 0. Prints, per reward, "
         "the win rate with a percentile-bootstrap 95% CI over units (eval.bootstrap_samples, seeded by eval.seed), "
+        "for the headline prompts and for each set of eval.prompt_sets, "
         "the wins/ties/losses and the mean scores, and writes ROOT/reports/compare-ARM.json. Folders that differ in "
         "prompts, seeds or settings are refused.",
     )

@@ -14,7 +14,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Sample the arm's model (ROOT/models/ARM/model; the recorded base for --arm base) on every "
         "prompt of eval.prompts with eval.seeds_per_prompt fixed seeds (eval.seed, eval.seed+1, ...), score each "
         "image with eval.rewards and publish ROOT/evals/ARM/ with images/, manifest.json, scores.jsonl, grid.png and "
-        "metrics.json (reward means with bootstrap 95%% CIs, held-out winner/loser error deltas against the base). "
+        "metrics.json (reward means with bootstrap 95%% CIs, held-out winner/loser error deltas against the base); "
+        "each further prompt set of eval.prompt_sets is evaluated the same way into ROOT/evals/ARM/sets/NAME/. "
         "Guidance uses the diffusers convention (eval.guidance_scale=1 means none; the reference code's s is "
         "guidance_scale - 1).",
     )
