@@ -65,6 +65,14 @@ def eval_b(model_dir: Path, clip_dir: Path, tmp_path_factory: pytest.TempPathFac
     return out
 
 
+@pytest.fixture(scope="module")
+def eval_again(model_dir: Path, clip_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``eval_a`` run a second time, same settings, into another folder."""
+    out = tmp_path_factory.mktemp("evals") / "again"
+    evaluate(model_dir, PROMPTS, out, eval_config(rewards=["synthetic", "clip"], reward_paths={"clip": str(clip_dir)}))
+    return out
+
+
 def test_evaluate_writes_every_file(eval_a, model_dir: Path) -> None:
     out, metrics = eval_a
     assert sorted(p.name for p in out.iterdir()) == [
@@ -122,18 +130,35 @@ def test_scores_are_the_rewards_of_the_saved_images(eval_a) -> None:
     np.testing.assert_allclose([r["scores"]["synthetic"] for r in rows], expected)
 
 
-def test_images_do_not_depend_on_batch_size_or_run(eval_a, eval_b) -> None:
-    images_a, images_b = read_images(eval_a[0]), read_images(eval_b)
-    assert images_a.keys() == images_b.keys()
+def test_a_rerun_gives_the_same_images_and_scores(eval_a, eval_again) -> None:
+    images_a, images_again = read_images(eval_a[0]), read_images(eval_again)
+    assert images_a.keys() == images_again.keys()
     for name in images_a:
-        np.testing.assert_array_equal(images_a[name], images_b[name], err_msg=name)
-    assert read_rows(eval_a[0]) == read_rows(eval_b)
+        np.testing.assert_array_equal(images_a[name], images_again[name], err_msg=name)
+    assert read_rows(eval_a[0]) == read_rows(eval_again)
     # different seeds give different images
     assert not np.array_equal(images_a["p00000_s7.png"], images_a["p00000_s8.png"])
 
 
-def test_compare_same_model_is_exactly_one_half(eval_a, eval_b) -> None:
-    result = compare_eval_dirs(eval_a[0], eval_b, bootstrap_samples=100)
+def test_images_do_not_depend_on_batch_size(eval_a, eval_b) -> None:
+    """Each image's noise comes from its own seed, so batching only changes float summation order.
+
+    CPU kernels pick other blockings for other batch shapes, which moves a rare pixel by one grey level (seen
+    once: 1 of 768 values), so this asserts agreement to one level, not bit equality.
+    """
+    images_a, images_b = read_images(eval_a[0]), read_images(eval_b)
+    assert images_a.keys() == images_b.keys()
+    for name in images_a:
+        difference = np.abs(images_a[name].astype(int) - images_b[name].astype(int))
+        assert difference.max() <= 1 and (difference > 0).mean() < 0.02, name
+    for row_a, row_b in zip(read_rows(eval_a[0]), read_rows(eval_b), strict=True):
+        assert row_a["image"] == row_b["image"] and row_a["prompt"] == row_b["prompt"]
+        for name, score in row_a["scores"].items():
+            assert row_b["scores"][name] == pytest.approx(score, rel=0.05, abs=0.05), (row_a["image"], name)
+
+
+def test_compare_same_model_is_exactly_one_half(eval_a, eval_again) -> None:
+    result = compare_eval_dirs(eval_a[0], eval_again, bootstrap_samples=100)
     assert result["n"] == 6
     for name in ("synthetic", "clip"):
         summary = result["rewards"][name]
