@@ -77,3 +77,18 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.xdist_group(item.path.name))
     rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
     items.sort(key=lambda item: rank.get(_group(item), len(HEAVY_FIRST)))
+
+
+
+def pytest_xdist_node_collection_finished(node, ids: list[str]) -> None:
+    """Fail fast when xdist silently drops the groups (pytest 9.2 with xdist 3.8: pytest-dev/pytest-xdist#1386).
+
+    A worker tags each grouped test's node id with "@group"; without the tag every test is its own work unit and each
+    module fixture (flow runs, `dvc repro`) runs once per worker, doubling the suite.
+    """
+    untagged = [nodeid for nodeid in ids if "@" not in nodeid]
+    if node.config.getvalue("dist") == "loadgroup" and untagged:
+        raise pytest.UsageError(
+            f"pytest-xdist ignored the xdist_group markers ({len(untagged)} tests untagged, e.g. {untagged[0]}); "
+            f"install the pytest pinned in constraints.txt (pytest {pytest.__version__} is not supported here)"
+        )
