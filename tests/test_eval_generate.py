@@ -140,21 +140,28 @@ def test_a_rerun_gives_the_same_images_and_scores(eval_a, eval_again) -> None:
     assert not np.array_equal(images_a["p00000_s7.png"], images_a["p00000_s8.png"])
 
 
-def test_images_do_not_depend_on_batch_size(eval_a, eval_b) -> None:
-    """Each image's noise comes from its own seed, so batching only changes float summation order.
+def assert_same_up_to_one_grey_level(folder_a: Path, folder_b: Path) -> None:
+    """The same images and scores, up to float summation order.
 
-    CPU kernels pick other blockings for other batch shapes, which moves a rare pixel by one grey level (seen
-    once: 1 of 768 values), so this asserts agreement to one level, not bit equality.
+    CPU kernels pick other blockings for other batch shapes (and each process of a split run batches its own share),
+    which moves a rare pixel by one grey level (seen: 1 of 768 values), so this asserts agreement to one level and
+    scores to 5%, not bit equality. Scores are compared for the rewards that `folder_b` ran.
     """
-    images_a, images_b = read_images(eval_a[0]), read_images(eval_b)
+    images_a, images_b = read_images(folder_a), read_images(folder_b)
     assert images_a.keys() == images_b.keys()
     for name in images_a:
         difference = np.abs(images_a[name].astype(int) - images_b[name].astype(int))
         assert difference.max() <= 1 and (difference > 0).mean() < 0.02, name
-    for row_a, row_b in zip(read_rows(eval_a[0]), read_rows(eval_b), strict=True):
+    for row_a, row_b in zip(read_rows(folder_a), read_rows(folder_b), strict=True):
         assert row_a["image"] == row_b["image"] and row_a["prompt"] == row_b["prompt"]
-        for name, score in row_a["scores"].items():
-            assert row_b["scores"][name] == pytest.approx(score, rel=0.05, abs=0.05), (row_a["image"], name)
+        assert row_b["scores"] and row_b["scores"].keys() <= row_a["scores"].keys()  # b may score with fewer rewards
+        for name, score in row_b["scores"].items():
+            assert score == pytest.approx(row_a["scores"][name], rel=0.05, abs=0.05), (row_a["image"], name)
+
+
+def test_images_do_not_depend_on_batch_size(eval_a, eval_b) -> None:
+    """Each image's noise comes from its own seed, so batching only changes float summation order."""
+    assert_same_up_to_one_grey_level(eval_a[0], eval_b)
 
 
 def test_compare_same_model_is_exactly_one_half(eval_a, eval_again) -> None:
@@ -290,9 +297,4 @@ def test_two_processes_split_the_units_and_gather(model_dir: Path, eval_a, tmp_p
         [*command, str(model_dir), "|".join(PROMPTS), str(out)], capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    images_mp, images_a = read_images(out), read_images(eval_a[0])
-    assert images_mp.keys() == images_a.keys()
-    for name in images_a:
-        np.testing.assert_array_equal(images_mp[name], images_a[name], err_msg=name)
-    rows_mp, rows_a = read_rows(out), read_rows(eval_a[0])
-    assert [r["scores"]["synthetic"] for r in rows_mp] == [r["scores"]["synthetic"] for r in rows_a]
+    assert_same_up_to_one_grey_level(eval_a[0], out)  # every unit once, in the single-process order
