@@ -1,4 +1,4 @@
-"""Process-level settings: CPU threads of parallel branches, and private scratch folders for flow steps."""
+"""Process-level settings: CPU threads of parallel branches, subnormal floats, private scratch folders of steps."""
 
 from __future__ import annotations
 
@@ -23,6 +23,24 @@ def share_cpu(parallel_tasks: int) -> int:
     threads = int(os.environ.get("SDPO_NUM_THREADS", 0)) or max(1, (os.cpu_count() or 1) // max(1, parallel_tasks))
     torch.set_num_threads(threads)
     return threads
+
+
+@contextlib.contextmanager
+def flushed_denormals() -> Iterator[None]:
+    """Flush subnormal floats to zero on the CPU for the block (``torch.set_flush_denormal``), then turn it off again.
+
+    At beta 5000 the DPO loss saturates within a few dozen steps; its gradients then carry subnormal values through the
+    whole backward pass, and x86 CPUs compute on those many times slower (measured on 2 cores, 200 steps of the default
+    DPO arm: 198 s without, 84 s with, identical held-out deltas). Values below 1.2e-38 do not change any result here.
+    torch has no getter for the flag, so the block ends with it off (its default).
+    """
+    import torch
+
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
 
 
 @contextlib.contextmanager
