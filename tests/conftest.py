@@ -79,7 +79,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: rank.get(_group(item), len(HEAVY_FIRST)))
 
 
-
 def pytest_xdist_node_collection_finished(node, ids: list[str]) -> None:
     """Fail fast when xdist silently drops the groups (pytest 9.2 with xdist 3.8: pytest-dev/pytest-xdist#1386).
 

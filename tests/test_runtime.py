@@ -1,5 +1,6 @@
 """Process-level settings of sdpo.runtime."""
 
+import pytest
 import torch
 
 from sdpo.runtime import flushed_denormals
@@ -20,9 +21,6 @@ def test_subnormals_are_flushed_inside_the_block_and_kept_after_it():
 
 
 def test_the_flag_is_off_again_when_the_block_raises():
-    try:
-        with flushed_denormals():
-            raise RuntimeError("boom")
-    except RuntimeError:
-        pass
+    with pytest.raises(RuntimeError, match="boom"), flushed_denormals():
+        raise RuntimeError("boom")
     assert _scaled(SUBNORMAL) > 0
