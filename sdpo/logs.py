@@ -40,21 +40,27 @@ def configure_logging(verbose: bool | None = None) -> bool:
     # "Writing model shards" / "Loading weights" bars of huggingface_hub and transformers.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     _filter_known_warnings()
-    try:
-        from diffusers.utils import logging as diffusers_logging
+    # On import, not now: importing diffusers costs seconds (torch with it), and the flow's light steps (start,
+    # ingest, compare, end) never load a model. wrapt runs a hook at once when the library is already imported.
+    import wrapt
 
-        diffusers_logging.disable_progress_bar()  # "Loading pipeline components"
-        diffusers_logging.set_verbosity_error()
-    except ImportError:
-        pass
-    try:
-        from transformers.utils import logging as transformers_logging
-
-        transformers_logging.disable_progress_bar()  # "Loading weights"
-        transformers_logging.set_verbosity_error()
-    except ImportError:
-        pass
+    wrapt.register_post_import_hook(_quiet_diffusers, "diffusers")
+    wrapt.register_post_import_hook(_quiet_transformers, "transformers")
     return verbose
+
+
+def _quiet_diffusers(_module: Any) -> None:
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()  # "Loading pipeline components"
+    diffusers_logging.set_verbosity_error()
+
+
+def _quiet_transformers(_module: Any) -> None:
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # "Loading weights"
+    transformers_logging.set_verbosity_error()
 
 
 def _filter_known_warnings() -> None:
