@@ -192,7 +192,9 @@ def _toy_base(ctx: StageContext) -> str:
             print(f"toy base: cached at {target}")
             return target
         with fs.scratch("sdpo-toy-") as tmp:
-            built = ensure_toy_base(ctx.cfg, shards, cache_dir=tmp)
+            # trained VAEs are shared between recipes in a local cache only (an object-store root retrains them)
+            vae_cache = None if fs.is_remote(cache) else Path(cache) / "vae"
+            built = ensure_toy_base(ctx.cfg, shards, cache_dir=tmp, vae_cache_dir=vae_cache)
             fs.publish_dir(built, target, marker=MODEL_MARKER)
     return target
 

@@ -6,7 +6,8 @@ preference tuning needs to have something to improve. With the default recipe it
 16 px the noise schedule leaves colour and layout readable in x_T, so the base reads them from the noise); the
 opt-in ``model.toy`` settings (experiments/colour-following.yaml: a trained text encoder, the pooled prompt, prompt
 dropout, high-noise weighting and pyramid noise) make the colour follow at the same cost, not yet the shape
-(docs/results.md). The result is cached under a hash of everything that determines it.
+(docs/results.md). The result is cached under a hash of everything that determines it, and the trained VAE
+under a hash of its own settings, so recipes that change only the UNet's (every conditioning option) train it once.
 """
 
 from __future__ import annotations
@@ -24,12 +25,23 @@ import torch
 from sdpo.config import Config, ToyBaseConfig
 
 RECIPE_VERSION = "toy-sd15-v2"  # bump when the recipe below changes, so stale caches are not reused
+# The settings the VAE stage reads: recipes that differ only in the UNet's (every conditioning option) share one VAE.
+VAE_SETTINGS = ("vae_steps", "batch_size", "lr", "seed")
+VAE_MARKER = "generator_state.npy"  # written last: the VAE folder is complete
 
 
 def toy_base_key(toy: ToyBaseConfig, resolution: int, data_digest: str) -> str:
     """Cache key: the recipe version, the toy settings, the resolution and the training data digest."""
     settings = toy.model_dump(mode="json", exclude={"cache_dir"})
     blob = json.dumps({"recipe": RECIPE_VERSION, "toy": settings, "resolution": resolution, "data": data_digest},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def toy_vae_key(toy: ToyBaseConfig, resolution: int, data_digest: str) -> str:
+    """Cache key of the trained toy VAE: what :data:`VAE_SETTINGS` name, the resolution and the training data."""
+    settings = {name: getattr(toy, name) for name in VAE_SETTINGS}
+    blob = json.dumps({"recipe": RECIPE_VERSION, "vae": settings, "resolution": resolution, "data": data_digest},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -55,11 +67,46 @@ def _train_vae(vae, pixels: torch.Tensor, toy: ToyBaseConfig, gen: torch.Generat
         if step % 100 == 0 or step == toy.vae_steps:
             log(f"  vae step {step}/{toy.vae_steps}: recon mse {rec.item():.4f}")
     vae.eval().requires_grad_(False)
-    with torch.no_grad():
-        latents = torch.cat([vae.encode(pixels[i : i + 256]).latent_dist.mean for i in range(0, len(pixels), 256)])
+    latents = _latent_means(vae, pixels)
     scaling = float(1.0 / latents.std())
     vae.register_to_config(scaling_factor=scaling)
     return latents * scaling
+
+
+def _latent_means(vae, pixels: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([vae.encode(pixels[i : i + 256]).latent_dist.mean for i in range(0, len(pixels), 256)])
+
+
+def _cached_vae(vae, pixels: torch.Tensor, toy: ToyBaseConfig, gen: torch.Generator, cache: Path | None,
+                log: Callable[[str], None]) -> torch.Tensor:
+    """:func:`_train_vae`, or its result from ``cache``: the weights and the generator state it left.
+
+    The UNet stage continues the same random stream, so a base built on a cached VAE is the base built without it.
+    A file lock lets recipes built side by side (tests, sweeps) train one VAE and share it.
+    """
+    if cache is None:
+        return _train_vae(vae, pixels, toy, gen, log)
+    from diffusers import AutoencoderKL
+    from filelock import FileLock
+
+    from sdpo.models._atomic import atomic_directory
+
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{cache}.lock"):
+        if not (cache / VAE_MARKER).exists():
+            latents = _train_vae(vae, pixels, toy, gen, log)
+            with atomic_directory(cache) as tmp:
+                vae.save_pretrained(str(tmp / "vae"))
+                np.save(tmp / VAE_MARKER, gen.get_state().numpy())
+            return latents
+    trained = AutoencoderKL.from_pretrained(str(cache / "vae"))
+    vae.load_state_dict(trained.state_dict())
+    vae.register_to_config(scaling_factor=trained.config.scaling_factor)
+    vae.eval().requires_grad_(False)
+    gen.set_state(torch.from_numpy(np.load(cache / VAE_MARKER)))
+    log(f"  vae: trained one reused from {cache}")
+    return _latent_means(vae, pixels) * trained.config.scaling_factor
 
 
 def _prompt_table(pipe, captions: list[str]) -> tuple[list[str], torch.Tensor]:
@@ -148,10 +195,12 @@ def _train_unet(pipe, scheduler, latents: torch.Tensor, captions: list[str], toy
 
 
 def pretrain_toy_base(images: np.ndarray, captions: list[str], out_dir: str | Path, *, toy: ToyBaseConfig,
-                      resolution: int, vocabulary: list[str], log: Callable[[str], None] = print) -> Path:
+                      resolution: int, vocabulary: list[str], log: Callable[[str], None] = print,
+                      vae_cache: str | Path | None = None) -> Path:
     """Build the toy pipeline (``sdpo.models.tiny.build_toy_sd15``) and train its VAE, then its UNet (and text encoder).
 
-    ``images`` are uint8 ``[N, R, R, 3]`` with one caption each. Writes a diffusers folder to ``out_dir``.
+    ``images`` are uint8 ``[N, R, R, 3]`` with one caption each. Writes a diffusers folder to ``out_dir``. With
+    ``vae_cache`` (a folder for this VAE's :func:`toy_vae_key`) the trained VAE is reused from there, or stored there.
     """
     from diffusers import DDPMScheduler, StableDiffusionPipeline
 
@@ -167,7 +216,7 @@ def pretrain_toy_base(images: np.ndarray, captions: list[str], out_dir: str | Pa
         shutil.rmtree(tmp / "init")
         pixels = _to_pixels(images)
         tic = time.perf_counter()
-        latents = _train_vae(pipe.vae, pixels, toy, gen, log)
+        latents = _cached_vae(pipe.vae, pixels, toy, gen, Path(vae_cache) if vae_cache else None, log)
         log(f"  vae trained in {time.perf_counter() - tic:.0f}s (scaling_factor {pipe.vae.config.scaling_factor:.3f})")
         tic = time.perf_counter()
         _train_unet(pipe, DDPMScheduler.from_config(pipe.scheduler.config), latents, captions, toy, gen, log)
@@ -191,13 +240,18 @@ def data_content_digest(shards_dir: str | Path) -> str:
 
 
 def ensure_toy_base(cfg: Config, shards_dir: str | Path, *, cache_dir: str | Path | None = None,
-                    log: Callable[[str], None] = print) -> Path:
-    """The toy base for the train shards in ``shards_dir``: reused from the cache when its key matches."""
+                    vae_cache_dir: str | Path | None = None, log: Callable[[str], None] = print) -> Path:
+    """The toy base for the train shards in ``shards_dir``: reused from the cache when its key matches.
+
+    Trained VAEs are kept under ``vae_cache_dir`` (default ``CACHE/vae``), so recipes that change only the UNet's
+    settings train the VAE once.
+    """
     from sdpo.data import synthetic
     from sdpo.data.loader import load_pairs_arrays
     toy = cfg.model.toy
-    key = toy_base_key(toy, cfg.data.resolution, data_content_digest(shards_dir))
-    target = Path(cache_dir or toy.cache_dir) / key
+    digest = data_content_digest(shards_dir)
+    cache = Path(cache_dir or toy.cache_dir)
+    target = cache / toy_base_key(toy, cfg.data.resolution, digest)
     if (target / "model_index.json").exists():
         log(f"toy base: cached at {target}")
         return target
@@ -205,5 +259,6 @@ def ensure_toy_base(cfg: Config, shards_dir: str | Path, *, cache_dir: str | Pat
     pairs = load_pairs_arrays(shards_dir)
     images = np.concatenate([pairs["win"], pairs["lose"]])
     captions = list(pairs["caption"]) * 2
+    vae_cache = Path(vae_cache_dir or cache / "vae") / toy_vae_key(toy, cfg.data.resolution, digest)
     return pretrain_toy_base(images, captions, target, toy=toy, resolution=cfg.data.resolution,
-                             vocabulary=list(synthetic.VOCABULARY), log=log)
+                             vocabulary=list(synthetic.VOCABULARY), log=log, vae_cache=vae_cache)
