@@ -54,12 +54,15 @@ def _restore_torch_threads():
 
 
 # The longest work units (xdist groups), heaviest first, measured with `pytest --durations` on 2 workers and 2 cores.
-# Under `--dist=loadgroup --no-loadscope-reorder` the groups are handed out in collection order: starting the long
-# ones first keeps one of them from becoming a tail that a single worker runs alone at the end. The pathology tests
-# are one group per (arm, seed); the first of them builds the shared toy base, so the second long unit is the S3
-# flow run (which does not need that base) rather than a training that would wait for it. Every other module is its
-# own group, so its module fixtures run once, as with `--dist=loadfile`.
-HEAVY_FIRST = ("pathology-dpo-0", "flow-s3", "test_toy_base.py", "pathology-dpo-sdpo-0", "pathology-dpo-1",
+# Under `--dist=loadgroup --no-loadscope-reorder` the groups are handed out in collection order, and a worker with
+# at most two tests pending is given the next group at once (xdist's LoadScopeScheduling). So worker A takes the
+# first pathology group (which builds the shared toy base) and, queued behind it, the second (which needs that
+# base: it runs on the same worker, after it, with no wait); worker B takes the S3 flow run (three tests) and then
+# the colour-following base, which reuses only the toy VAE (trained first, within a minute). A training queued on
+# B instead would sit idle until A's base is done (measured: 72 s). Starting the long units first keeps any of them
+# from becoming a tail that one worker runs alone at the end. The pathology tests are one group per (arm, seed);
+# every other module is its own group, so its module fixtures run once, as with `--dist=loadfile`.
+HEAVY_FIRST = ("pathology-dpo-0", "flow-s3", "pathology-dpo-sdpo-0", "test_toy_base.py", "pathology-dpo-1",
                "pathology-dpo-sdpo-1", "test_dvc.py", "flow-local", "test_bench.py", "test_readme.py",
                "test_tracking_registry.py", "test_tracking_gate.py", "test_train.py", "test_experiments.py",
                "test_cache.py")
