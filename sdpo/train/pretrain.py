@@ -30,20 +30,21 @@ VAE_SETTINGS = ("vae_steps", "batch_size", "lr", "seed")
 VAE_MARKER = "generator_state.npy"  # written last: the VAE folder is complete
 
 
+def _cache_key(payload: dict) -> str:
+    blob = json.dumps({"recipe": RECIPE_VERSION, **payload}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
 def toy_base_key(toy: ToyBaseConfig, resolution: int, data_digest: str) -> str:
     """Cache key: the recipe version, the toy settings, the resolution and the training data digest."""
     settings = toy.model_dump(mode="json", exclude={"cache_dir"})
-    blob = json.dumps({"recipe": RECIPE_VERSION, "toy": settings, "resolution": resolution, "data": data_digest},
-                      sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return _cache_key({"toy": settings, "resolution": resolution, "data": data_digest})
 
 
 def toy_vae_key(toy: ToyBaseConfig, resolution: int, data_digest: str) -> str:
     """Cache key of the trained toy VAE: what :data:`VAE_SETTINGS` name, the resolution and the training data."""
     settings = {name: getattr(toy, name) for name in VAE_SETTINGS}
-    blob = json.dumps({"recipe": RECIPE_VERSION, "vae": settings, "resolution": resolution, "data": data_digest},
-                      sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return _cache_key({"vae": settings, "resolution": resolution, "data": data_digest})
 
 
 def _to_pixels(images: np.ndarray) -> torch.Tensor:
