@@ -119,7 +119,6 @@ def test_toy_sd15_architecture(tmp_path):
     assert latents.shape == (2, 4, 16, 16)
 
 
-
 def test_toy_sd15_pooled_text_adds_the_prompt_to_the_time_embedding(tmp_path):
     folder = build_toy_sd15(str(tmp_path / "toy"), vocabulary=["a", "red", "square"], resolution=16, pooled_text=True)
     pipeline = DiffusionPipeline.from_pretrained(folder)
@@ -134,6 +133,26 @@ def test_toy_sd15_full_resolution_attention_adds_cross_attention_at_16x16(tmp_pa
     assert pipeline.unet.config.down_block_types == ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"]
     assert pipeline.unet.config.up_block_types == ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
     assert pipeline("a red square", num_inference_steps=2, output_type="pt").images.shape == (1, 3, 16, 16)
+
+
+@pytest.mark.parametrize("downsample", [2, 4])
+def test_toy_sd15_latent_downsample_shrinks_the_latents_not_the_images(tmp_path, downsample):
+    folder = build_toy_sd15(str(tmp_path / "toy"), vocabulary=["a", "red", "square"], resolution=16,
+                            latent_downsample=downsample)
+    pipeline = DiffusionPipeline.from_pretrained(folder)
+    assert pipeline.vae_scale_factor == downsample
+    assert pipeline.unet.config.sample_size == 16 // downsample
+    assert pipeline("a red square", num_inference_steps=2, output_type="pt").images.shape == (1, 3, 16, 16)
+    model = load_model(folder)
+    assert model.default_resolution == 16
+    assert model.encode_images(torch.zeros(2, 3, 16, 16)).shape == (2, 4, 16 // downsample, 16 // downsample)
+
+
+def test_toy_sd15_latent_downsample_that_does_not_fit_the_resolution_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="latent_downsample 4 .* resolution 8"):
+        build_toy_sd15(str(tmp_path / "toy"), vocabulary=["a"], resolution=8, latent_downsample=4)
+    with pytest.raises(ValueError, match="latent_downsample 3"):
+        build_toy_sd15(str(tmp_path / "toy"), vocabulary=["a"], resolution=16, latent_downsample=3)
 
 
 def test_cli_tiny_writes_a_loadable_sd3_pipeline(tmp_path, capsys):

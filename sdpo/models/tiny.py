@@ -211,8 +211,10 @@ def build_tiny_pipeline(
 
 
 def build_toy_sd15(out_dir: str, *, vocabulary: list[str], resolution: int = 16, seed: int = 0,
-                   pooled_text: bool = False, full_resolution_attention: bool = False) -> str:
-    """Write the untrained toy base: an SD1.5-family pipeline whose VAE does not downsample (latents 4 x R x R).
+                   pooled_text: bool = False, full_resolution_attention: bool = False,
+                   latent_downsample: int = 1) -> str:
+    """Write the untrained toy base: an SD1.5-family pipeline whose VAE downsamples by ``latent_downsample``
+    (1, 2 or 4; latents 4 x R/d x R/d; 1 = the base the results in docs/results.md were measured on).
 
     Parts: AutoencoderKL with one block (~150k parameters), a 2-layer CLIP text encoder (hidden 32) with a word-level
     tokenizer over ``vocabulary``, a ~0.99M-parameter UNet2DConditionModel (cross-attention at 8x8; with
@@ -224,10 +226,14 @@ def build_toy_sd15(out_dir: str, *, vocabulary: list[str], resolution: int = 16,
         torch.manual_seed(seed)
         tokenizer = build_clip_tokenizer(vocabulary)
         text_encoder = build_clip_text_encoder(tokenizer, hidden_size=32, num_layers=2)
+        if latent_downsample not in (1, 2, 4) or resolution % (4 * latent_downsample):
+            raise ValueError(f"latent_downsample {latent_downsample} needs to be 1, 2 or 4 and divide the resolution "
+                             f"{resolution} / 4 (the UNet halves the latent once more)")
+        vae_blocks = latent_downsample.bit_length()  # diffusers' VAE halves the size once between two blocks
         vae = AutoencoderKL(
-            block_out_channels=(32,),
-            down_block_types=("DownEncoderBlock2D",),
-            up_block_types=("UpDecoderBlock2D",),
+            block_out_channels=(32,) * vae_blocks,
+            down_block_types=("DownEncoderBlock2D",) * vae_blocks,
+            up_block_types=("UpDecoderBlock2D",) * vae_blocks,
             latent_channels=4,
             layers_per_block=1,
             norm_num_groups=8,
@@ -235,7 +241,7 @@ def build_toy_sd15(out_dir: str, *, vocabulary: list[str], resolution: int = 16,
             scaling_factor=1.0,
         )
         unet = UNet2DConditionModel(
-            sample_size=resolution,
+            sample_size=resolution // latent_downsample,
             in_channels=4,
             out_channels=4,
             block_out_channels=(32, 64),

@@ -26,7 +26,7 @@ from sdpo.config import Config, ToyBaseConfig
 
 RECIPE_VERSION = "toy-sd15-v2"  # bump when the recipe below changes, so stale caches are not reused
 # The settings the VAE stage reads: recipes that differ only in the UNet's (every conditioning option) share one VAE.
-VAE_SETTINGS = ("vae_steps", "batch_size", "lr", "seed")
+VAE_SETTINGS = ("vae_steps", "batch_size", "lr", "seed", "latent_downsample")
 VAE_MARKER = "generator_state.npy"  # written last: the VAE folder is complete
 
 
@@ -212,7 +212,8 @@ def pretrain_toy_base(images: np.ndarray, captions: list[str], out_dir: str | Pa
     gen = torch.Generator().manual_seed(toy.seed)
     with atomic_directory(out_dir) as tmp:
         build_toy_sd15(str(tmp / "init"), vocabulary=vocabulary, resolution=resolution, seed=toy.seed,
-                       pooled_text=toy.pooled_text, full_resolution_attention=toy.full_resolution_attention)
+                       pooled_text=toy.pooled_text, full_resolution_attention=toy.full_resolution_attention,
+                       latent_downsample=toy.latent_downsample)
         pipe = StableDiffusionPipeline.from_pretrained(str(tmp / "init"))
         shutil.rmtree(tmp / "init")
         pixels = _to_pixels(images)
