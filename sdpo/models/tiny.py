@@ -216,19 +216,20 @@ def build_toy_sd15(out_dir: str, *, vocabulary: list[str], resolution: int = 16,
     """Write the untrained toy base: an SD1.5-family pipeline whose VAE downsamples by ``latent_downsample``
     (1, 2 or 4; latents 4 x R/d x R/d; 1 = the base the results in docs/results.md were measured on).
 
-    Parts: AutoencoderKL with one block (~150k parameters), a 2-layer CLIP text encoder (hidden 32) with a word-level
+    Parts: AutoencoderKL with one block per halving plus one (~150k parameters with one), a 2-layer CLIP text
+    encoder (hidden 32) with a word-level
     tokenizer over ``vocabulary``, a ~0.99M-parameter UNet2DConditionModel (cross-attention at 8x8; with
     ``pooled_text`` also the prompt's attention-pooled embedding added to the time embedding), and a DDIM scheduler
     with SD1.5's exact noise schedule (epsilon, 1000 steps, scaled_linear betas 0.00085..0.012), so that training with
     ``DDPMScheduler.from_config`` and DDIM sampling share one schedule and the loss scale matches SD1.5 recipes.
     """
+    if latent_downsample not in (1, 2, 4) or resolution % (4 * latent_downsample):
+        raise ValueError(f"latent_downsample {latent_downsample} needs to be 1, 2 or 4 and divide the resolution "
+                         f"{resolution} / 4 (the UNet halves the latent once more)")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         tokenizer = build_clip_tokenizer(vocabulary)
         text_encoder = build_clip_text_encoder(tokenizer, hidden_size=32, num_layers=2)
-        if latent_downsample not in (1, 2, 4) or resolution % (4 * latent_downsample):
-            raise ValueError(f"latent_downsample {latent_downsample} needs to be 1, 2 or 4 and divide the resolution "
-                             f"{resolution} / 4 (the UNet halves the latent once more)")
         vae_blocks = latent_downsample.bit_length()  # diffusers' VAE halves the size once between two blocks
         vae = AutoencoderKL(
             block_out_channels=(32,) * vae_blocks,
