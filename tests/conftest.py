@@ -58,10 +58,10 @@ def _restore_torch_threads():
 # at most two tests pending is given the next group at once (xdist's LoadScopeScheduling). So worker A takes the
 # first pathology group (which builds the shared toy base) and, queued behind it, the second (which needs that
 # base: it runs on the same worker, after it, with no wait); worker B takes the S3 flow run (three tests) and then
-# the colour-following base, which reuses only the toy VAE (trained first, within a minute). A training queued on
-# B instead would sit idle until A's base is done (measured: 72 s). Starting the long units first keeps any of them
-# from becoming a tail that one worker runs alone at the end. The pathology tests are one group per (arm, seed);
-# every other module is its own group, so its module fixtures run once, as with `--dist=loadfile`.
+# the colour-following base (its own 8x8-latent VAE and UNet, about a minute; it needs nothing of A's). A training
+# queued on B instead would sit idle until A's base is done (measured: 72 s). Starting the long units first keeps
+# any of them from becoming a tail that one worker runs alone at the end. The pathology tests are one group per
+# (arm, seed); every other module is its own group, so its module fixtures run once, as with `--dist=loadfile`.
 HEAVY_FIRST = ("pathology-dpo-0", "flow-s3", "pathology-dpo-sdpo-0", "test_toy_base.py", "pathology-dpo-1",
                "pathology-dpo-sdpo-1", "test_dvc.py", "flow-local", "test_bench.py", "test_readme.py",
                "test_tracking_registry.py", "test_tracking_gate.py", "test_train.py", "test_experiments.py",

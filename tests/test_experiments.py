@@ -198,7 +198,7 @@ def test_colour_following_preset_changes_only_the_toy_recipe():
     default = load_config(ROOT / "params.yaml")
     toy = cfg.model.toy
     assert (toy.pooled_text, toy.train_text_encoder, toy.prompt_dropout, toy.high_noise_weight,
-            toy.multires_noise) == (True, True, 0.1, 20.0, 0.8)  # the recipe measured in docs/results.md
-    assert toy.unet_steps == default.model.toy.unet_steps  # the default's cost
+            toy.multires_noise, toy.latent_downsample) == (True, True, 0.1, 20.0, 0.8, 2)  # measured in docs/results.md
+    assert toy.unet_steps == default.model.toy.unet_steps  # the default's number of steps, on 8x8 latents
     assert cfg.train == default.train and cfg.eval == default.eval
     assert (ROOT / "experiments" / cfg.data.root).resolve() == ROOT / "data"
