@@ -131,7 +131,7 @@ class TrainConfig(_Section):
         "dpo": VariantConfig(safeguard="off"),
         "dpo-sdpo": VariantConfig(safeguard="pair"),
     }
-    steps: int = Field(200, ge=1)
+    steps: int = Field(100, ge=1)
     batch_size: int = Field(16, ge=1)
     grad_accum: int = Field(1, ge=1)
     lr: float = Field(1e-5, gt=0)

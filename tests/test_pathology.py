@@ -4,8 +4,8 @@ With plain Diffusion-DPO the held-out winner error rises above the reference (m_
 widens; with the SDPO safeguard (mu = 0.9, one lambda per pair) it stays at or below the reference. Two seeds.
 
 Each (arm, seed) trains in its own test and its own xdist group, so the four trainings run on whichever workers are
-free. ``STEPS`` is twice the smallest probed length at which the pattern held on every seed of
-``experiments/pathology_sweep.py`` (docs/results.md, "The regression test"), and half the default 200.
+free. ``STEPS`` is the default ``train.steps``: twice the smallest probed length at which the pattern held on every
+seed of ``experiments/pathology_sweep.py`` (docs/results.md, "The regression test").
 """
 
 from pathlib import Path
@@ -54,4 +54,5 @@ def test_the_defaults_are_the_configuration_under_test():
     cfg = load_config(ROOT / "params.yaml")
     sdpo = cfg.train.for_variant("dpo-sdpo")
     assert (sdpo.method, sdpo.safeguard, sdpo.mu) == ("dpo", "pair", 0.9)
+    assert cfg.train.steps == STEPS  # the regression runs as long as `make run` trains
     assert cfg.train.for_variant("dpo").safeguard == "off"
