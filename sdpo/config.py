@@ -330,6 +330,11 @@ class Config(_Section):
             except ValueError as err:
                 problems.append(f"registry.guards: {err}")
         problems += _training_problems(self)
+        down = self.model.toy.latent_downsample
+        if self.model.base is None and self.data.resolution % (4 * down):
+            problems.append(f"model.toy.latent_downsample: {down} needs data.resolution to be a multiple of "
+                            f"{4 * down} (the toy UNet halves its latents twice more); data.resolution is "
+                            f"{self.data.resolution}")
         if problems:
             raise ValueError("\n".join(problems))
         return self

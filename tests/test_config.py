@@ -45,6 +45,16 @@ def test_errors_name_the_key_and_allowed_values(override, key, hint):
     assert f"{key}:" in message and hint in message
 
 
+def test_a_toy_latent_size_that_does_not_fit_the_resolution_fails_at_load():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["data.resolution=24", "model.toy.latent_downsample=4"])
+    message = str(err.value)
+    assert "model.toy.latent_downsample: 4" in message and "data.resolution is 24" in message
+    assert load_config(None, ["data.resolution=24", "model.toy.latent_downsample=2"]).data.resolution == 24
+    # a real base has its own VAE: the toy setting does not apply
+    assert load_config(None, ["data.resolution=24", "model.toy.latent_downsample=4", "model.base=/models/sd15"])
+
+
 def test_unknown_key_lists_known_keys_of_its_section():
     with pytest.raises(ConfigError, match=r"known keys: .*train\.mu") as err:
         load_config(None, ["train.mue=0.5"])
