@@ -331,10 +331,10 @@ class Config(_Section):
                 problems.append(f"registry.guards: {err}")
         problems += _training_problems(self)
         down = self.model.toy.latent_downsample
-        if self.model.base is None and self.data.resolution % (4 * down):
+        if self.model.base is None and self.data.resolution % toy_resolution_multiple(down):
             problems.append(f"model.toy.latent_downsample: {down} needs data.resolution to be a multiple of "
-                            f"{4 * down} (the toy UNet halves its latents twice more); data.resolution is "
-                            f"{self.data.resolution}")
+                            f"{toy_resolution_multiple(down)} (latents whose side is a multiple of "
+                            f"{TOY_LATENT_MULTIPLE}); data.resolution is {self.data.resolution}")
         if problems:
             raise ValueError("\n".join(problems))
         return self
@@ -343,6 +343,16 @@ class Config(_Section):
 def resolved_dspo_variant(setting: str, family: str) -> Literal["sd15", "sdxl"]:
     """The DSPO branch for ``train.dspo_variant`` on ``model.family`` ("auto" follows the family)."""
     return DSPO_VARIANT_OF_FAMILY[family] if setting == "auto" else setting  # type: ignore[return-value]
+
+
+# The toy base's latents (image side / latent_downsample) need a side that is a multiple of this (what the toy UNet
+# is built and tested for); sdpo.models.tiny and the config check share the rule.
+TOY_LATENT_MULTIPLE = 4
+
+
+def toy_resolution_multiple(latent_downsample: int) -> int:
+    """What the toy base's image side must be a multiple of when its VAE downsamples by ``latent_downsample``."""
+    return TOY_LATENT_MULTIPLE * latent_downsample
 
 
 def _training_problems(cfg: Config) -> list[str]:

@@ -25,6 +25,7 @@ from diffusers import (
     UNet2DConditionModel,
 )
 
+from sdpo.config import toy_resolution_multiple
 from sdpo.models._atomic import atomic_directory
 from sdpo.models.tiny_text import (
     DEFAULT_VOCABULARY,
@@ -223,9 +224,9 @@ def build_toy_sd15(out_dir: str, *, vocabulary: list[str], resolution: int = 16,
     with SD1.5's exact noise schedule (epsilon, 1000 steps, scaled_linear betas 0.00085..0.012), so that training with
     ``DDPMScheduler.from_config`` and DDIM sampling share one schedule and the loss scale matches SD1.5 recipes.
     """
-    if latent_downsample not in (1, 2, 4) or resolution % (4 * latent_downsample):
-        raise ValueError(f"latent_downsample {latent_downsample} needs to be 1, 2 or 4 and divide the resolution "
-                         f"{resolution} / 4 (the UNet halves the latent once more)")
+    if latent_downsample not in (1, 2, 4) or resolution % toy_resolution_multiple(latent_downsample):
+        raise ValueError(f"latent_downsample {latent_downsample} needs to be 1, 2 or 4, and the resolution "
+                         f"{resolution} a multiple of {toy_resolution_multiple(latent_downsample)}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         tokenizer = build_clip_tokenizer(vocabulary)
