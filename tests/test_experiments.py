@@ -177,7 +177,7 @@ def test_t_interval_and_lambda_summary():
 def test_long_horizon_recipe():
     cfg = load_config(ROOT / "experiments" / "long-horizon.yaml")
     default = load_config(ROOT / "params.yaml")
-    assert cfg.train.steps >= 10 * default.train.steps  # the long horizon: 20x the default
+    assert 10 * default.train.steps <= cfg.train.steps <= 20 * default.train.steps  # the long horizon: 20x
     arms = {name: cfg.train.for_variant(name) for name in cfg.train.variants}
     got = {name: (t.method, t.safeguard, t.beta, t.mu if t.safeguard != "off" else None) for name, t in arms.items()}
     assert got == {
