@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import mlflow.artifacts
 import numpy as np
 from mlflow import MlflowClient
 from mlflow.entities import Run
@@ -111,6 +112,7 @@ class EvalRecord:
     heldout: dict[str, float]
     logged_means: dict[str, float]
     folder: Path
+    artifact_uri: str  # the run's artifact root: its files are read from there, with no lookup of the run per file
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -135,9 +137,12 @@ def find_evaluations(client: MlflowClient, experiment_ids: list[str], model_dige
                               max_results=max_results)
 
 
-def _download(client: MlflowClient, run_id: str, path: str, into: Path) -> Path:
+def _download(client: MlflowClient, run_id: str, artifact_uri: str, path: str, into: Path) -> Path:
+    """One artifact of run ``run_id`` into ``into``, read from the run's artifact root ``artifact_uri``
+    (``client.download_artifacts(run_id, ...)`` would fetch the run and search its logged models for every file)."""
     try:
-        return Path(client.download_artifacts(run_id, path, str(into)))
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{artifact_uri}/{path}", dst_path=str(into),
+                                                        tracking_uri=client.tracking_uri))
     except (MlflowException, OSError) as err:
         raise EvidenceError(f"evaluation run {run_id}: artifact {path} cannot be read ({err})") from None
 
@@ -195,8 +200,9 @@ def load_record(client: MlflowClient, run_id: str, into: Path, rewards: list[str
                             f"{run.data.tags.get(runs.STAGE_TAG)!r}, status {run.info.status})")
     tags, metrics = run.data.tags, run.data.metrics
     into.mkdir(parents=True, exist_ok=True)
-    manifest_path = _download(client, run_id, f"{runs.EVAL_ARTIFACT_DIR}/manifest.json", into)
-    scores_path = _download(client, run_id, f"{runs.EVAL_ARTIFACT_DIR}/scores.jsonl", into)
+    root = run.info.artifact_uri
+    manifest_path = _download(client, run_id, root, f"{runs.EVAL_ARTIFACT_DIR}/manifest.json", into)
+    scores_path = _download(client, run_id, root, f"{runs.EVAL_ARTIFACT_DIR}/scores.jsonl", into)
     try:
         manifest = json.loads(manifest_path.read_text())
         rows = read_scores(scores_path)
@@ -205,7 +211,7 @@ def load_record(client: MlflowClient, run_id: str, into: Path, rewards: list[str
     record = EvalRecord(
         run_id=run_id, experiment_id=run.info.experiment_id, model_digest=tags.get(runs.TAG_MODEL_DIGEST, ""),
         reference_digest=tags.get(runs.TAG_REFERENCE_DIGEST), units_key=tags.get(runs.TAG_UNITS_KEY, ""),
-        manifest=manifest, rows=rows, folder=into,
+        manifest=manifest, rows=rows, folder=into, artifact_uri=root,
         heldout={k.removeprefix("heldout."): v for k, v in metrics.items() if k.startswith("heldout.")},
         logged_means={k.split(".")[1]: v for k, v in metrics.items()
                       if k.startswith("reward.") and k.endswith(".mean") and k.count(".") == 2},
@@ -246,7 +252,8 @@ def rescore(client: MlflowClient, record: EvalRecord, gate: GateConfig, rewards:
     images, prompts = [], []
     for unit in sample:
         row = record.rows[unit]
-        path = _download(client, record.run_id, f"{runs.EVAL_ARTIFACT_DIR}/{row['image']}", record.folder / "sample")
+        path = _download(client, record.run_id, record.artifact_uri, f"{runs.EVAL_ARTIFACT_DIR}/{row['image']}",
+                         record.folder / "sample")
         with Image.open(path) as image:
             images.append(image.convert("RGB"))
         prompts.append(record.manifest["prompts"][unit[0]])
