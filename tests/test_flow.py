@@ -15,8 +15,10 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
+import yaml
 from metaflow import Runner
 
+from sdpo.config import parse_yaml
 from sdpo.devstack import mlflow_server as run_mlflow_server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,6 +34,7 @@ TINY = [
 # the two runs proceed side by side.
 ON_LOCAL_RUN = pytest.mark.xdist_group("flow-local")
 ON_S3_RUN = pytest.mark.xdist_group("flow-s3")
+S3_ARM = "dpo-sdpo"  # the S3 run's only trained arm (the registry's candidate)
 STEPS = {"start", "ingest", "join_ingest", "base", "encode", "train", "evaluate", "compare", "register", "end"}
 
 
@@ -52,11 +55,19 @@ def local_run(tmp_path_factory, mlflow_server):
 
 @pytest.fixture(scope="module")
 def s3_run(tmp_path_factory, s3_server):
-    """The flow with Metaflow's S3 datastore, an s3:// root and an MLflow server with S3 artifacts."""
+    """The flow with Metaflow's S3 datastore, an s3:// root and an MLflow server with S3 artifacts.
+
+    It reads its own parameter file (``--config sdpo_params FILE``): params.yaml with the candidate arm only. The
+    local run above compares both arms; here one trained arm is enough to see every kind of output land in the
+    bucket, and its train task fail once and resume."""
     tmp = tmp_path_factory.mktemp("flow-s3")
     workdir, scratch = tmp / "cwd", tmp / "scratch"
     workdir.mkdir()
     scratch.mkdir()
+    params = parse_yaml((ROOT / "params.yaml").read_text())
+    params["train"]["variants"] = {S3_ARM: params["train"]["variants"][S3_ARM]}
+    params_file = tmp / "params-one-arm.yaml"
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
     prefix = "flow"
     env = {**s3_server.env(), "METAFLOW_DATASTORE_SYSROOT_S3": f"s3://{s3_server.bucket}/{prefix}/metaflow",
            "SDPO_NUM_THREADS": "1", "TMPDIR": str(scratch), "SDPO_INJECT_FAULT": "train-after-checkpoint"}
@@ -65,7 +76,7 @@ def s3_run(tmp_path_factory, s3_server):
         env["MLFLOW_TRACKING_URI"] = tracking
         overrides = [*TINY, f"data.root=s3://{s3_server.bucket}/{prefix}/root", "train.checkpoint_every=2",
                      "registry.model_name=sdpo-flow-s3"]
-        run = _run(env, workdir, overrides, datastore="s3")
+        run = _run(env, workdir, overrides, datastore="s3", config=[("sdpo_params", str(params_file))])
         yield run, tmp, env, prefix
 
 
@@ -143,10 +154,10 @@ def test_s3_flow_keeps_everything_in_the_bucket(s3_run, s3_server):
     for split in ("train", "heldout"):
         assert f"{root}/shards/{split}/manifest.json" in keys
         assert f"{root}/shards/{split}/pairs-000000.tar" in keys
-    for arm in ("dpo", "dpo-sdpo"):
-        assert f"{root}/models/{arm}/model/model_index.json" in keys
-        assert f"{root}/models/{arm}/training_summary.json" in keys
-    for arm in ("base", "dpo", "dpo-sdpo"):
+    assert f"{root}/models/{S3_ARM}/model/model_index.json" in keys
+    assert f"{root}/models/{S3_ARM}/training_summary.json" in keys
+    assert not [k for k in keys if k.startswith(f"{root}/models/dpo/")]  # the parameter file's arms, no others
+    for arm in ("base", S3_ARM):
         assert {f"{root}/evals/{arm}/metrics.json", f"{root}/evals/{arm}/grid.png"} <= set(keys)
     assert not [k for k in keys if "/staging/" in k]  # ingestion parts are removed once merged
     assert s3_server.keys(f"{prefix}/metaflow/SDPOFlow/{run.id}/")  # Metaflow's datastore is in the bucket
@@ -162,6 +173,7 @@ def test_s3_flow_keeps_everything_in_the_bucket(s3_run, s3_server):
 def test_a_failed_train_task_resumes_on_retry(s3_run):
     run, _, _, _ = s3_run
     tasks = [task for task in run["train"] if task["arm"].data != "base"]
+    assert [task["arm"].data for task in tasks] == [S3_ARM]
     for task in tasks:
         summary = task["summary"].data
         assert summary["resumed_from"] == "step-0000002", summary.get("resumed_from")
