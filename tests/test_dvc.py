@@ -42,6 +42,7 @@ def tiny_params(cache_dir: Path) -> dict[str, Any]:
     assert set(params["train"]["variants"]) == set(VARIANTS), "the test expects the default variants"
     params["train"]["variants"][CANDIDATE]["mu"] = 0.9  # explicit, so `-S` can change it for this variant only
     params["eval"].update(seeds_per_prompt=1, num_inference_steps=2, bootstrap_samples=20, heldout_pairs=8)
+    params["eval"]["preference_model"]["steps"] = 20
     return params
 
 

@@ -28,6 +28,7 @@ def tiny_params() -> dict[str, Any]:
     params["model"]["toy"].update(vae_steps=5, unet_steps=5, batch_size=8)
     params["train"].update(steps=3, batch_size=4, log_every=1, heldout_every=1, heldout_pairs=8)
     params["eval"].update(seeds_per_prompt=2, num_inference_steps=2, bootstrap_samples=50, heldout_pairs=8)
+    params["eval"]["preference_model"]["steps"] = 20
     assert tuple(params["train"]["variants"]) == ARMS, "the test expects the default variants"
     return params
 

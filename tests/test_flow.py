@@ -28,7 +28,7 @@ TINY = [
     "model.toy.unet_steps=5", "model.toy.batch_size=8", "train.steps=4", "train.batch_size=8",
     "train.heldout_every=4", "train.heldout_pairs=8", "eval.seeds_per_prompt=2", "eval.num_inference_steps=2",
     "eval.prompt_sets.train.seeds_per_prompt=1",
-    "eval.bootstrap_samples=50",
+    "eval.bootstrap_samples=50", "eval.preference_model.steps=20",
 ]
 # The two flow runs are two xdist groups: each module fixture runs once, on the one worker that has its tests, and
 # the two runs proceed side by side.
