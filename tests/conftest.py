@@ -34,7 +34,7 @@ os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tempfile.mkdtemp(prefix='sdpo-t
 import diffusers  # noqa: E402,F401
 import torch  # noqa: E402,F401
 from mlflow_fixtures import mlflow_server, mlflow_tracking, tiny_pipeline_dir  # noqa: E402,F401
-from pipeline_fixtures import small_shards, toy_base, toy_cache, toy_shards  # noqa: E402,F401
+from pipeline_fixtures import small_shards, toy_base, toy_cache, toy_latents, toy_shards  # noqa: E402,F401
 from store_fixtures import s3_server  # noqa: E402,F401
 from train_world import moto_s3, tiny_sd15, tracking, tracking_uri  # noqa: E402,F401
 

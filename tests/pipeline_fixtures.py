@@ -59,6 +59,25 @@ def toy_base(toy_shards, toy_cache) -> Path:
 
 
 @pytest.fixture(scope="session")
+def toy_latents(toy_base, toy_shards, tmp_path_factory) -> dict[str, Path]:
+    """The latent caches `make run` trains from (``train.cache``, params.yaml's dtype and flips): the train and
+    held-out shards encoded once by the toy base (a few seconds per worker)."""
+    from sdpo.models import load_model
+    from sdpo.train.encode import encode_dataset
+
+    cfg = load_config(ROOT / "params.yaml")
+    assert cfg.train.cache, "params.yaml trains from the latent cache; so does the pathology test"
+    model = load_model(str(toy_base))
+    model.freeze_all_but_denoiser()
+    out = tmp_path_factory.mktemp("toy-latents")
+    for split in ("train", "heldout"):
+        (out / split).mkdir()
+        encode_dataset(model, toy_shards[split], out / split, cfg.train, model_uri=str(toy_base),
+                       shard_max_pairs=cfg.data.shard_max_pairs, source_uri=str(toy_shards[split]), progress=False)
+    return {split: out / split for split in ("train", "heldout")}
+
+
+@pytest.fixture(scope="session")
 def small_shards(tmp_path_factory) -> Path:
     """A few 32 px pairs for the tiny model families."""
     return make_shards(tmp_path_factory.mktemp("small-shards"), pairs=12, seed=3, split="train", resolution=32)
