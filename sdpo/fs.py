@@ -278,14 +278,22 @@ def download(uri: str | os.PathLike, local: str | os.PathLike) -> Path:
     return local
 
 
+def require_published(uri: str | os.PathLike, marker: str) -> str:
+    """The URI of ``marker`` in the folder ``uri``; a :class:`StoreError` when the folder was never published."""
+    found = join(uri, marker)
+    if not exists(found):
+        raise StoreError(f"{uri}: no {marker}; it is not a published folder (it is missing or was never finished)")
+    return found
+
+
 @contextlib.contextmanager
 def local_copy(uri: str | os.PathLike, *, marker: str | None = None) -> Iterator[Path]:
     """A local path holding what ``uri`` holds: the path itself if local, else a scratch download.
 
     With ``marker`` the folder must contain that file (a published dataset or model): otherwise it is refused.
     """
-    if marker is not None and not exists(join(uri, marker)):
-        raise StoreError(f"{uri}: no {marker}; it is not a published folder (it is missing or was never finished)")
+    if marker is not None:
+        require_published(uri, marker)
     if not is_remote(uri):
         yield _local_path(uri)
         return

@@ -309,28 +309,43 @@ def encode(ctx: StageContext, split: str, *, base: str | None = None) -> dict[st
 
     Runs the base model's VAE and text encoders once over the split (both flips with ``train.random_flip``), and for
     the train split with ``train.precompute_reference`` the reference errors of every (pair, epoch) draw. The
-    manifest (model folder, component digests, dtype, resolution) is published last. Returns a summary.
+    manifest (model folder, component digests, dtype, resolution) is published last. A published cache made from
+    the same shards, base encoders and settings is reused as it is (:func:`sdpo.train.encode.stale_reason`), so a
+    second run of the flow does not encode the dataset again. Returns a summary.
     """
+    import hashlib
+
     from sdpo.models import load_model
-    from sdpo.train.encode import add_reference_errors, encode_dataset
+    from sdpo.train.encode import add_reference_errors, encode_dataset, stale_reason
 
     t, layout = ctx.cfg.train, ctx.layout
     if not t.cache:
         raise ConfigError(f"{ctx.source}: train.cache is off, so there is nothing to encode (set train.cache=true)")
     base_model = base or base_uri(ctx)
     target = layout.cache(split)
-    with fs.local_copy(layout.shards(split), marker=MANIFEST) as shards, _local_model(base_model) as local_base, \
-            fs.publishing(target, marker=MANIFEST) as out:
-        import torch
+    with_reference = split == "train" and t.precompute_reference
+    published = fs.read_json(fs.join(target, MANIFEST)) if fs.exists(fs.join(target, MANIFEST)) else None
+    source_digest = hashlib.sha256(fs.read_bytes(fs.require_published(layout.shards(split), MANIFEST))).hexdigest()
+    with _local_model(base_model) as local_base:
+        stale = "there is none yet" if published is None else stale_reason(
+            published, model_dir=local_base, source_digest=source_digest, tcfg=t, with_reference=with_reference)
+        if stale is None:  # re-encoding a large dataset costs hours: a cache of the same inputs is reused
+            print(f"sdpo encode: {target} is up to date (same shards, base encoders and settings): reused")
+            manifest = published
+        else:
+            print(f"sdpo encode: writing {target} ({stale})")
+            with fs.local_copy(layout.shards(split), marker=MANIFEST) as shards, \
+                    fs.publishing(target, marker=MANIFEST) as out:
+                import torch
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        model = load_model(local_base, ctx.cfg.model.family if ctx.cfg.model.base else None,
-                           revision=ctx.cfg.model.revision, device=device)
-        model.freeze_all_but_denoiser()
-        manifest = encode_dataset(model, shards, out, t, model_uri=base_model,
-                                  shard_max_pairs=ctx.cfg.data.shard_max_pairs, source_uri=layout.shards(split))
-        if split == "train" and t.precompute_reference:
-            manifest = add_reference_errors(model, out, t)
+                device = "cuda" if torch.cuda.is_available() else "cpu"
+                model = load_model(local_base, ctx.cfg.model.family if ctx.cfg.model.base else None,
+                                   revision=ctx.cfg.model.revision, device=device)
+                model.freeze_all_but_denoiser()
+                manifest = encode_dataset(model, shards, out, t, model_uri=base_model,
+                                          shard_max_pairs=ctx.cfg.data.shard_max_pairs, source_uri=layout.shards(split))
+                if with_reference:
+                    manifest = add_reference_errors(model, out, t)
     reference = manifest.get("reference")
     return {"uri": target, "pairs": manifest["pairs_written"], "dtype": manifest["cache"]["dtype"],
             "flips": manifest["cache"]["flips"], "reference_epochs": reference["epochs"] if reference else 0}

@@ -77,3 +77,37 @@ def test_encode_and_train_on_an_s3_root(tiny_sd15, small_shards, tmp_path, monke
             assert train_shards not in downloaded
         finally:
             S3FileSystem.clear_instance_cache()
+
+
+def test_a_cache_of_the_same_inputs_is_reused_and_any_change_encodes_again(tiny_sd15, small_shards, tmp_path,
+                                                                            monkeypatch, capsys):
+    import shutil
+
+    root = tmp_path / "root"
+    shutil.copytree(small_shards, root / "shards" / "train")
+    fs.write_json(root / "models" / "base" / "base.json", {"uri": tiny_sd15})
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    manifest = root / "cache" / "encoded" / "train" / "manifest.json"
+
+    def encode(*extra: str) -> str:
+        ctx = stages.StageContext.load(ROOT / "params.yaml", [f"data.root={root}", *SMALL, "train.cache=true",
+                                                              *extra])
+        capsys.readouterr()
+        stages.encode(ctx, "train")
+        return capsys.readouterr().out
+
+    assert "(there is none yet)" in encode()
+    first = manifest.read_bytes()
+    assert "is up to date" in encode() and manifest.read_bytes() == first  # nothing written the second time
+    assert "other cache settings" in encode("train.cache_dtype=float32")
+    assert json.loads(manifest.read_text())["cache"]["dtype"] == "float32"
+    assert "holds no reference errors" in encode("train.cache_dtype=float32", "train.precompute_reference=true")
+    assert "is up to date" in encode("train.cache_dtype=float32", "train.precompute_reference=true")
+    assert "another number of epochs" in encode("train.cache_dtype=float32", "train.precompute_reference=true",
+                                                 "train.steps=20")
+    assert "is up to date" in encode("train.cache_dtype=float32")  # reference errors it does not need do no harm
+
+    other = build_tiny_pipeline("sd15", str(tmp_path / "other-base"), resolution=32, seed=1)
+    fs.write_json(root / "models" / "base" / "base.json", {"uri": other})
+    assert "VAE or text encoders differ" in encode("train.cache_dtype=float32")
+    assert json.loads(manifest.read_text())["cache"]["model"] == other

@@ -8,6 +8,7 @@ the reference denoiser over every (pair, epoch) draw the training run will make 
 from __future__ import annotations
 
 import gc
+import json
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,17 @@ import torch
 
 from sdpo.config import TrainConfig
 from sdpo.data.loader import PairDataset
-from sdpo.train.cache import REFERENCE_ERRORS, CachedPairDataset, CacheWriter, component_digests, file_entry
+from sdpo.train.cache import (
+    CACHE_VERSION,
+    REFERENCE_ERRORS,
+    CachedPairDataset,
+    CacheWriter,
+    component_digests,
+    file_entry,
+)
 from sdpo.train.reference import epochs_needed, precompute_reference_errors, settings_of
+
+CACHE_SETTINGS = ("cache_dtype", "cache_batch_size", "cache_flips", "random_flip")  # recorded as the manifest's config
 
 
 def encoder_names(model) -> list[str]:
@@ -88,9 +98,47 @@ def encode_dataset(model, shards_dir: str | Path, out_dir: str | Path, tcfg: Tra
         "posterior": "mean and std of the VAE posterior in the scaled latent space",
     }
     source = {"uri": source_uri, "manifest_sha256": dataset.digest, "pairs": len(dataset)}
-    config = {name: getattr(tcfg, name) for name in ("cache_dtype", "cache_batch_size", "cache_flips",
-                                                      "random_flip")}
+    config = {name: getattr(tcfg, name) for name in CACHE_SETTINGS}
     return writer.finish(source=source, cache=cache, config=config)
+
+
+def stale_reason(manifest: dict[str, Any], *, model_dir: str | Path, source_digest: str, tcfg: TrainConfig,
+                 with_reference: bool) -> str | None:
+    """Why a published cache is not what encoding again would write (None: it is, and can be reused).
+
+    It must come from the same shards (their manifest's sha256), the same VAE and text encoders (folder digests in
+    ``model_dir``) and the same cache settings; with ``with_reference`` it must hold the reference errors of the
+    draws this training will make, by the same denoiser and noise schedule.
+    """
+    from sdpo.models.families import ENCODER_COMPONENTS
+
+    cache = manifest.get("cache") or {}
+    if manifest.get("cache_version") != CACHE_VERSION:
+        return f"cache version {manifest.get('cache_version')}, this code writes {CACHE_VERSION}"
+    if (manifest.get("inputs") or [{}])[0].get("manifest_sha256") != source_digest:
+        return "it was encoded from other shards"
+    if manifest.get("config") != {name: getattr(tcfg, name) for name in CACHE_SETTINGS}:
+        return f"other cache settings ({', '.join(CACHE_SETTINGS)})"
+    index_file = Path(model_dir) / "model_index.json"
+    if not index_file.is_file():
+        return "the base model is not a local diffusers folder"
+    index = json.loads(index_file.read_text())
+    declared = [name for name in ENCODER_COMPONENTS if (index.get(name) or [None])[0] is not None]  # [library, class]
+    if cache.get("components") != component_digests(model_dir, declared):
+        return "the base model's VAE or text encoders differ"
+    if not with_reference:
+        return None
+    reference = manifest.get("reference")
+    if not reference:
+        return "it holds no reference errors (train.precompute_reference)"
+    if reference.get("settings") != settings_of(tcfg, random_flip=bool(cache.get("flips"))):
+        return "its reference errors were drawn with other training settings"
+    if reference.get("epochs") != (tcfg.reference_epochs or epochs_needed(tcfg, int(manifest["pairs_written"]))):
+        return "its reference errors cover another number of epochs"
+    made = reference.get("denoiser_digest") or {}
+    if not made or component_digests(model_dir, list(made)) != made:
+        return "its reference errors were made by another denoiser or noise schedule"
+    return None
 
 
 def add_reference_errors(model, out_dir: str | Path, tcfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
