@@ -315,7 +315,6 @@ def encode(ctx: StageContext, split: str, *, base: str | None = None) -> dict[st
     """
     import hashlib
 
-    from sdpo.models import load_model
     from sdpo.train.encode import add_reference_errors, encode_dataset, stale_reason
 
     t, layout = ctx.cfg.train, ctx.layout
@@ -337,6 +336,8 @@ def encode(ctx: StageContext, split: str, *, base: str | None = None) -> dict[st
             with fs.local_copy(layout.shards(split), marker=MANIFEST) as shards, \
                     fs.publishing(target, marker=MANIFEST) as out:
                 import torch
+
+                from sdpo.models import load_model
 
                 device = "cuda" if torch.cuda.is_available() else "cpu"
                 model = load_model(local_base, ctx.cfg.model.family if ctx.cfg.model.base else None,

@@ -14,7 +14,7 @@ import textwrap
 
 LIGHT_MODULES = ("sdpo.cli", "sdpo.config", "sdpo.stages", "sdpo.models", "sdpo.models._atomic",
                  "sdpo.data.pickapic", "sdpo.eval.rewards.preference", "sdpo.eval.winrate", "sdpo.tracking.gate",
-                 "sdpo.tracking.registry")
+                 "sdpo.tracking.registry", "sdpo.models.components", "sdpo.train.encode")
 MODEL_LIBRARIES = ("diffusers", "transformers", "peft")
 
 

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from sdpo.errors import ModelError
 from sdpo.models._atomic import atomic_directory
+from sdpo.models.components import ENCODER_COMPONENTS
 from sdpo.models.lora import has_lora, merge_lora, unwrap_model
 
 PredictionType = Literal["epsilon", "v_prediction", "flow"]
@@ -126,9 +127,6 @@ def _local_folder(source: str, revision: str | None) -> str:
         raise ModelError(f"{source}: not a local folder, and fetching it from the model hub failed: {err}") from err
 
 
-# what encodes images and prompts: training from a latent cache loads none of these
-ENCODER_COMPONENTS = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2",
-                      "tokenizer_3", "image_encoder", "feature_extractor", "safety_checker")
 
 
 def load_model(

@@ -17,6 +17,7 @@ import torch
 
 from sdpo.config import TrainConfig
 from sdpo.data.loader import PairDataset
+from sdpo.models.components import ENCODER_COMPONENTS
 from sdpo.train.cache import (
     CACHE_VERSION,
     REFERENCE_ERRORS,
@@ -32,8 +33,6 @@ CACHE_SETTINGS = ("cache_dtype", "cache_batch_size", "cache_flips", "random_flip
 
 def encoder_names(model) -> list[str]:
     """The pipeline's components that shape the cached tensors (VAE, text encoders and their tokenizers)."""
-    from sdpo.models.families import ENCODER_COMPONENTS
-
     return [name for name in ENCODER_COMPONENTS if getattr(model.pipeline, name, None) is not None]
 
 
@@ -110,8 +109,6 @@ def stale_reason(manifest: dict[str, Any], *, model_dir: str | Path, source_dige
     ``model_dir``) and the same cache settings; with ``with_reference`` it must hold the reference errors of the
     draws this training will make, by the same denoiser and noise schedule.
     """
-    from sdpo.models.families import ENCODER_COMPONENTS
-
     cache = manifest.get("cache") or {}
     if manifest.get("cache_version") != CACHE_VERSION:
         return f"cache version {manifest.get('cache_version')}, this code writes {CACHE_VERSION}"
