@@ -313,8 +313,6 @@ def encode(ctx: StageContext, split: str, *, base: str | None = None) -> dict[st
     the same shards, base encoders and settings is reused as it is (:func:`sdpo.train.encode.stale_reason`), so a
     second run of the flow does not encode the dataset again. Returns a summary.
     """
-    import hashlib
-
     from sdpo.train.encode import add_reference_errors, encode_dataset, stale_reason
 
     t, layout = ctx.cfg.train, ctx.layout
@@ -323,8 +321,9 @@ def encode(ctx: StageContext, split: str, *, base: str | None = None) -> dict[st
     base_model = base or base_uri(ctx)
     target = layout.cache(split)
     with_reference = split == "train" and t.precompute_reference
-    published = fs.read_json(fs.join(target, MANIFEST)) if fs.exists(fs.join(target, MANIFEST)) else None
-    source_digest = hashlib.sha256(fs.read_bytes(fs.require_published(layout.shards(split), MANIFEST))).hexdigest()
+    published_manifest = fs.join(target, MANIFEST)
+    published = fs.read_json(published_manifest) if fs.exists(published_manifest) else None
+    source_digest = fs.file_sha256(fs.require_published(layout.shards(split), MANIFEST))
     with _local_model(base_model) as local_base:
         stale = "there is none yet" if published is None else stale_reason(
             published, model_dir=local_base, source_digest=source_digest, tcfg=t, with_reference=with_reference)

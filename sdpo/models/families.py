@@ -127,8 +127,6 @@ def _local_folder(source: str, revision: str | None) -> str:
         raise ModelError(f"{source}: not a local folder, and fetching it from the model hub failed: {err}") from err
 
 
-
-
 def load_model(
     source: str,
     family: str | None = None,
