@@ -7,6 +7,7 @@ use. Checked in one fresh interpreter: this one imported diffusers in conftest.p
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
@@ -34,3 +35,11 @@ def test_light_modules_import_no_model_library_and_models_load_on_first_use():
     found = json.loads(proc.stdout.splitlines()[-1])
     assert found["light"] == [], found
     assert found["after"] and found["same"] and "sd15" in found["tiny"], found
+
+
+def test_the_models_package_lists_each_lazy_name_once_and_resolves_it():
+    import sdpo.models as models
+
+    assert sorted(models.__all__) == sorted(models._MODULE_OF)  # __all__ and the export table agree
+    for name in models.__all__:
+        assert getattr(models, name) is getattr(importlib.import_module(models._MODULE_OF[name]), name)
