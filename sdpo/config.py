@@ -167,6 +167,7 @@ class TrainConfig(_Section):
     reference_epochs: int = Field(0, ge=0)  # epochs of draws to precompute; 0: what one process needs for train.steps
     seed: int = 0
     checkpoint_every: int = Field(0, ge=0)  # 0: only at the end
+    keep_checkpoints: int = Field(2, ge=0)  # the newest N complete checkpoints are kept; 0 keeps every one
     log_every: int = Field(10, ge=1)
     heldout_every: int = Field(50, ge=0)  # held-out winner/loser deltas; 0 disables
     heldout_pairs: int = Field(64, ge=1)

@@ -97,6 +97,26 @@ def test_lora_mode_saves_adapter_and_merged_pipeline(tiny_models, small_shards, 
     base.load_lora_weights(str(tmp_path / "lora"))
 
 
+@pytest.mark.parametrize(("lora", "keep"), [(False, 0), (True, 1)])
+def test_a_checkpoint_exports_the_model_of_its_step(tiny_models, small_shards, tmp_path, lora, keep):
+    """`train.keep_checkpoints` (0: every one) and :func:`export_model`: the last checkpoint, exported, is the model
+    training wrote (LoRA: adapters fused the same way); an earlier one is another model."""
+    from sdpo.train import checkpoint as ck
+
+    cfg = load_config(None, [*TINY, "train.steps=2", "train.checkpoint_every=1", f"train.keep_checkpoints={keep}",
+                             f"model.lora.enabled={str(lora).lower()}", "train.lr=1e-2"])
+    result = train(cfg, shards_dir=small_shards, base_model=str(tiny_models["sd15"]), output_dir=tmp_path,
+                   show_progress=False)
+    kept = ck.complete_checkpoints(tmp_path / "checkpoints")
+    assert kept == ["step-0000001", "step-0000002"][-keep if keep else 0:]
+    ck.export_model(tmp_path / "checkpoints" / "step-0000002", str(tiny_models["sd15"]), tmp_path / "at-2")
+    trained = parameter_digest(DiffusionPipeline.from_pretrained(result.model_dir).unet)
+    assert parameter_digest(DiffusionPipeline.from_pretrained(tmp_path / "at-2").unet) == trained
+    if not keep:
+        ck.export_model(tmp_path / "checkpoints" / "step-0000001", str(tiny_models["sd15"]), tmp_path / "at-1")
+        assert parameter_digest(DiffusionPipeline.from_pretrained(tmp_path / "at-1").unet) != trained
+
+
 def test_cli_train_writes_model_under_the_layout(tiny_models, small_shards, tmp_path, monkeypatch):
     """`sdpo train --variant` reads ROOT/shards/train and the recorded base, writes ROOT/models/VARIANT."""
     import shutil

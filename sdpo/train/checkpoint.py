@@ -68,6 +68,7 @@ FREE_ON_RESUME: dict[str, str] = {
     "train.steps": "extends or shortens the run; refused when the lr schedule depends on the total (see below)",
     "train.log_every": "only when metrics are written",
     "train.checkpoint_every": "only when checkpoints are written",
+    "train.keep_checkpoints": "only which older checkpoints are deleted",
     "train.heldout_every": "the held-out probe observes the model and draws from its own generator",
     "train.heldout_pairs": "the held-out probe observes the model and draws from its own generator",
     "train.dataloader_workers": "batches are a pure function of (seed, epoch, batch); workers only prefetch",
@@ -372,6 +373,27 @@ def load_weights(path: Path, denoiser: torch.nn.Module) -> None:
             p.copy_(t.to(p.device))
 
 
+def export_model(path: Path, base_model: str, out_dir: Path) -> None:
+    """Write the model of checkpoint ``path`` as a diffusers folder: the base with the checkpoint's denoiser weights.
+
+    The denoiser is set up as the trainer sets it up (its LoRA adapters, from the checkpoint's own config, are fused
+    on saving), so the folder is what training would have exported had it stopped at that step.
+    """
+    from sdpo.models import load_model
+
+    config = read_state(path)["config"]["model"]
+    lora = config["lora"]
+    model = load_model(base_model, config["family"] if config["base"] else None, encoders=False)
+    model.freeze_all_but_denoiser()
+    denoiser = model.denoiser
+    if lora["enabled"]:
+        from sdpo.models.lora import add_lora
+
+        add_lora(denoiser, lora["rank"], lora["alpha"], lora["target_modules"])
+    load_weights(path, denoiser)
+    model.save_pipeline(str(out_dir), denoiser=denoiser)
+
+
 def load_shared(path: Path, state: dict[str, Any], *, optimizer: Any, scheduler: Any, scaler: Any | None) -> None:
     """Restore optimizer, scheduler and grad-scaler state from a checkpoint's ``state.json`` and tensors."""
     tensors = read_tensors(path / OPTIMIZER)
@@ -432,6 +454,12 @@ def latest_checkpoint(root: str | os.PathLike) -> str | None:
     """The newest complete checkpoint's name under ``root``, or None."""
     done = complete_checkpoints(root)
     return done[-1] if done else None
+
+
+def expired_checkpoints(root: str | os.PathLike, *, keep: int) -> list[str]:
+    """The complete checkpoints under ``root`` beyond the newest ``keep`` (``keep=0``: none expire)."""
+    done = complete_checkpoints(root)
+    return done[:-keep] if keep else []
 
 
 def reject(path: Path, reason: str) -> Path:

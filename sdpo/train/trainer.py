@@ -522,7 +522,7 @@ class Trainer:
                 f.write(json.dumps(row) + "\n")
 
     def _checkpoint(self, root: Path, step: int, batch: dict | None) -> Path | None:
-        """Write ``step-N`` in safe formats, renamed into place complete; the newest two are kept.
+        """Write ``step-N`` in safe formats, renamed into place complete; older ones beyond ``keep_checkpoints`` go.
 
         The weights were checked finite after the optimizer step; here the model's outputs from them on the step's
         own batch must be finite too, or nothing is written. Refused when another run's checkpoints appear.
@@ -557,9 +557,8 @@ class Trainer:
             (staging / ck.COMPLETE).write_text(str(step))
             shutil.rmtree(path, ignore_errors=True)
             os.replace(staging, path)
-            for old in ck.complete_checkpoints(root):  # keep the newest two
-                if old != name and (ck.step_of(old) or 0) < step - max(self.tcfg.checkpoint_every, 1):
-                    shutil.rmtree(root / old, ignore_errors=True)
+            for old in ck.expired_checkpoints(root, keep=self.tcfg.keep_checkpoints):
+                shutil.rmtree(root / old, ignore_errors=True)
             self._notify(path)
         acc.wait_for_everyone()
         return path
