@@ -41,7 +41,7 @@ import numpy as np
 from sdpo import fs
 from sdpo.config import Config, ConfigError, config_to_dict, flatten, validate_config
 from sdpo.errors import DataError
-from sdpo.layout import BASE_ARM, SPLITS, RunLayout
+from sdpo.layout import BASE_ARM, EVAL_SETS, SPLITS, RunLayout
 
 SEED_KEYS = ("data.synthetic.seed", "model.toy.seed", "train.seed")
 DEFAULT_SEEDS = (0, 1, 2)
@@ -207,11 +207,34 @@ def _marker(uri: str, name: str) -> bool:
     return fs.exists(fs.join(uri, name))
 
 
-def run_seed(ctx: Any, arms: Sequence[str], *, log: Callable[[str], None] = print) -> list[str]:
+def check_checkpoint_rewards(cfg: Config, arms: Sequence[str]) -> None:
+    """Scoring every checkpoint needs checkpoints written during training and none deleted."""
+    for arm in arms:
+        t = cfg.train.for_variant(arm)
+        if not t.checkpoint_every or t.checkpoint_every >= t.steps or t.keep_checkpoints:
+            raise ConfigError(
+                f"--checkpoint-rewards scores every training checkpoint, but arm {arm!r} writes "
+                + (f"a checkpoint every {t.checkpoint_every} of {t.steps} steps" if t.checkpoint_every
+                   else "checkpoints only at the end")
+                + f" and keeps the newest {t.keep_checkpoints}: set train.checkpoint_every below train.steps "
+                "(e.g. a tenth of it) and train.keep_checkpoints=0 (keep every one)")
+
+
+def checkpoint_steps(layout: RunLayout, arm: str, steps: int) -> list[int]:
+    """The steps of the arm's kept checkpoints before its final step (whose model the arm's evaluation scores)."""
+    from sdpo.train import checkpoint as ck
+
+    return [s for s in (ck.step_of(n) for n in ck.complete_checkpoints(layout.checkpoints(arm))) if s and s < steps]
+
+
+def run_seed(ctx: Any, arms: Sequence[str], *, checkpoint_rewards: bool = False,
+             log: Callable[[str], None] = print) -> list[str]:
     """One complete run of ``arms`` (and the base) under ``ctx.layout``, skipping stages already done.
 
     A stage runs when its output marker is missing or a stage it depends on ran now (then training starts over;
-    otherwise a missing model resumes from the newest checkpoint). Returns the stages run, e.g. ``["train:dpo"]``.
+    otherwise a missing model resumes from the newest checkpoint). ``checkpoint_rewards``: every kept checkpoint
+    of each arm is evaluated too (:func:`sdpo.stages.evaluate_checkpoint`). Returns the stages run, e.g.
+    ``["train:dpo", "evaluate:dpo@50"]``.
     """
     from sdpo import stages
 
@@ -256,6 +279,9 @@ def run_seed(ctx: Any, arms: Sequence[str], *, log: Callable[[str], None] = prin
         evaluated = trained or rescore or not _marker(layout.evals(arm), stages.EVAL_MARKER)
         if evaluated:
             step(f"evaluate:{arm}", lambda arm=arm: stages.evaluate(ctx, arm))
+        for at in checkpoint_steps(layout, arm, cfg.train.for_variant(arm).steps) if checkpoint_rewards else []:
+            if trained or rescore or not _marker(layout.checkpoint_eval(arm, at), stages.EVAL_MARKER):
+                step(f"evaluate:{arm}@{at}", lambda arm=arm, at=at: stages.evaluate_checkpoint(ctx, arm, at))
         if evaluated or base_eval or not fs.exists(layout.compare_report(arm)):
             step(f"compare:{arm}", lambda arm=arm: stages.compare(ctx, arm))
     return ran
@@ -263,16 +289,21 @@ def run_seed(ctx: Any, arms: Sequence[str], *, log: Callable[[str], None] = prin
 
 def run_experiment(cfg: Config, name: str, *, seeds: Sequence[int] = DEFAULT_SEEDS,
                    arms: Sequence[str] | None = None, project_dir: str | Path | None = None,
-                   source: str = "params.yaml", log: Callable[[str], None] = print) -> dict[str, Any]:
+                   source: str = "params.yaml", checkpoint_rewards: bool = False,
+                   log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run (or resume) experiment ``name``: ``arms`` x ``seeds`` complete runs, then the tables and plots.
 
-    Holds the experiment folder's writer lock throughout. Returns ``experiment.json``'s content: ``uri``, ``seeds``,
-    ``arms``, ``seed_values``, ``ran`` (per seed, the stages run now; empty for a complete seed) and ``outputs``.
+    ``checkpoint_rewards``: every kept training checkpoint is scored as well, for reward curves over the steps
+    (:func:`check_checkpoint_rewards` says what that needs). Holds the experiment folder's writer lock throughout.
+    Returns ``experiment.json``'s content: ``uri``, ``seeds``, ``arms``, ``seed_values``, ``ran`` (per seed, the
+    stages run now; empty for a complete seed) and ``outputs``.
     """
     from sdpo.locks import writer_lock
     from sdpo.stages import StageContext
 
     seeds, arms = check_seeds(seeds), check_arms(cfg, arms)
+    if checkpoint_rewards:
+        check_checkpoint_rewards(cfg, arms)
     project_dir = Path(project_dir or Path.cwd())
     top = RunLayout.resolve(cfg.data.root, project_dir)
     uri = top.experiment(name)
@@ -292,7 +323,7 @@ def run_experiment(cfg: Config, name: str, *, seeds: Sequence[int] = DEFAULT_SEE
         for seed, ctx in contexts.items():
             log(f"experiment {name}: seed {seed} ({ctx.layout.root})")
             fs.write_json(*records[seed])
-            ran[seed] = run_seed(ctx, arms, log=log)
+            ran[seed] = run_seed(ctx, arms, checkpoint_rewards=checkpoint_rewards, log=log)
             if not ran[seed]:
                 log("  complete: nothing to run")
         rows, curves = collect({s: c.layout for s, c in contexts.items()}, arms, cfg)
@@ -300,7 +331,8 @@ def run_experiment(cfg: Config, name: str, *, seeds: Sequence[int] = DEFAULT_SEE
             "name": name, "uri": uri, "source": source, "seeds": seeds, "arms": arms, "seed_keys": list(SEED_KEYS),
             "seed_values": {str(s): {k: _get(config_to_dict(c.cfg), k) for k in SEED_KEYS}
                             for s, c in contexts.items()},
-            "ran": {str(s): r for s, r in ran.items()}, "wall_s": round(time.perf_counter() - tic, 1),
+            "ran": {str(s): r for s, r in ran.items()}, "checkpoint_rewards": checkpoint_rewards,
+            "wall_s": round(time.perf_counter() - tic, 1),
         }
         summary["outputs"] = write_results(uri, rows, curves, summary)
         fs.write_json(fs.join(uri, "experiment.json"), summary)
@@ -310,14 +342,12 @@ def run_experiment(cfg: Config, name: str, *, seeds: Sequence[int] = DEFAULT_SEE
 # --- collecting ---------------------------------------------------------------------------------------------
 
 
-def _eval_dirs(layout: RunLayout, arm: str, prompt_sets: Sequence[str],
-               stack: Any) -> dict[str, tuple[dict, dict, dict]]:
-    """The arm's evaluation of the headline prompt set (key ``""``) and of each further set, read."""
+def _eval_dirs(uri: str, prompt_sets: Sequence[str], stack: Any) -> dict[str, tuple[dict, dict, dict]]:
+    """The evaluation at ``uri``, read: the headline prompt set (key ``""``) and each further set."""
     from sdpo.eval.winrate import read_eval_dir
-    from sdpo.layout import EVAL_SETS
     from sdpo.stages import EVAL_MARKER
 
-    root = stack.enter_context(fs.local_copy(layout.evals(arm), marker=EVAL_MARKER))
+    root = stack.enter_context(fs.local_copy(uri, marker=EVAL_MARKER))
     return {label: read_eval_dir(root / EVAL_SETS / label if label else root) for label in ["", *prompt_sets]}
 
 
@@ -352,6 +382,33 @@ def _pool_win_outcomes(evals: dict[str, tuple[dict, dict, dict]], arms: Sequence
             entry[2].append(float(win_outcomes(c, b).mean()))
 
 
+def _reward_curves(seed: int, layout: RunLayout, arms: Sequence[str], cfg: Config,
+                   by_arm: dict[str, dict[str, tuple[dict, dict, dict]]]) -> list[dict[str, Any]]:
+    """Curve rows of every reward over the steps, for the arms whose checkpoints were scored: the base at step 0,
+    each scored checkpoint, the arm's own evaluation at its last step."""
+    import contextlib
+
+    from sdpo.stages import EVAL_MARKER
+    from sdpo.train.checkpoint import step_of
+
+    rows: list[dict[str, Any]] = []
+    for arm in arms:
+        steps = sorted(s for s in map(step_of, fs.list_dirs(layout.checkpoint_evals(arm)))
+                       if s and _marker(layout.checkpoint_eval(arm, s), EVAL_MARKER))
+        if not steps:
+            continue
+        points = {0: by_arm[BASE_ARM], cfg.train.for_variant(arm).steps: by_arm[arm]}
+        for at in steps:
+            with contextlib.ExitStack() as stack:
+                points[at] = _eval_dirs(layout.checkpoint_eval(arm, at), list(cfg.eval.prompt_sets), stack)
+        for at, dirs in sorted(points.items()):
+            for label, (_, _, metrics) in dirs.items():
+                suffix = f"@{label}" if label else ""
+                rows += [{"seed": seed, "arm": arm, "step": at, "metric": reward + suffix, "value": stats["mean"]}
+                         for reward, stats in metrics.get("rewards", {}).items()]
+    return rows
+
+
 def collect(layouts: dict[int, RunLayout], arms: Sequence[str], cfg: Config) -> tuple[list[ResultRow], list[dict]]:
     """The result rows (every table) and the per-step curve rows of the seed runs in ``layouts``."""
     import contextlib
@@ -366,7 +423,7 @@ def collect(layouts: dict[int, RunLayout], arms: Sequence[str], cfg: Config) -> 
     curves: list[dict[str, Any]] = []
     for seed, layout in layouts.items():
         with contextlib.ExitStack() as stack:
-            by_arm = {arm: _eval_dirs(layout, arm, list(cfg.eval.prompt_sets), stack) for arm in all_arms}
+            by_arm = {arm: _eval_dirs(layout.evals(arm), list(cfg.eval.prompt_sets), stack) for arm in all_arms}
             for label in ["", *cfg.eval.prompt_sets]:  # a further set's metrics are named <reward>@<set>
                 evals, suffix = {arm: dirs[label] for arm, dirs in by_arm.items()}, f"@{label}" if label else ""
                 for arm, (_, _, metrics) in evals.items():
@@ -378,6 +435,7 @@ def collect(layouts: dict[int, RunLayout], arms: Sequence[str], cfg: Config) -> 
                             if value is not None:
                                 heldout.setdefault((key, arm), []).append(float(value))
                 _pool_win_outcomes(evals, arms, f"seed {seed}{' ' + label if label else ''}", suffix, pooled)
+            curves += _reward_curves(seed, layout, arms, cfg, by_arm)
         for arm in arms:
             train_rows = fs.read_jsonl(layout.training_file(arm, "metrics.jsonl"))
             for key, value in lambda_summary(train_rows).items():
@@ -416,8 +474,10 @@ def _groups(rows: list[ResultRow]) -> dict[tuple[str, str], list[ResultRow]]:
     return groups
 
 
-def render_markdown(rows: list[ResultRow], summary: dict[str, Any], plots: list[str]) -> str:
-    """``results.md``: one Markdown table per metric (rewards with their win rates, held-out deltas, lambda)."""
+def render_markdown(rows: list[ResultRow], summary: dict[str, Any], plots: list[str],
+                    curves: list[dict[str, Any]] | None = None) -> str:
+    """``results.md``: one Markdown table per metric (rewards with their win rates, held-out deltas, lambda), and
+    the rewards over training when checkpoints were scored."""
     from tabulate import tabulate
 
     seeds = summary["seeds"]
@@ -454,9 +514,29 @@ def render_markdown(rows: list[ResultRow], summary: dict[str, Any], plots: list[
                     for r in groups[("winrate", metric)]]
             out += [tabulate(body, headers=["arm", "vs", "win rate", "95% bootstrap", "wins/ties/losses", "images",
                                             "per seed"], tablefmt="github", disable_numparse=True), ""]
+    out += _reward_curve_tables(curves or [])
     if plots:
         out += ["## Plots", "", *[f"![{Path(p).stem}]({p})" for p in plots], ""]
     return "\n".join(out)
+
+
+def _reward_curve_tables(curves: list[dict[str, Any]]) -> list[str]:
+    """Markdown: per prompt set, every reward's mean over seeds at each scored step, per arm (step 0: the base)."""
+    from tabulate import tabulate
+
+    out = []
+    for label, metrics in _reward_curve_metrics(curves).items():
+        values: dict[tuple[str, int], dict[str, list[float]]] = {}
+        for c in curves:
+            if c["metric"] in metrics:
+                values.setdefault((c["arm"], c["step"]), {}).setdefault(c["metric"], []).append(float(c["value"]))
+        body = [[arm, str(step), *(f"{np.mean(v[m]):.4f}" if m in v else "" for m in metrics), str(len(v[metrics[0]]))]
+                for (arm, step), v in values.items()]
+        where = f", prompt set `{label}`" if label else ""
+        out += [f"## Rewards over training{where} (mean over seeds; step 0 is the base)", "",
+                tabulate(body, headers=["arm", "step", *(m.partition("@")[0] for m in metrics), "seeds"],
+                         tablefmt="github", disable_numparse=True), ""]
+    return out
 
 
 def _png(fig: Any) -> bytes:
@@ -516,6 +596,22 @@ def curve_plot(curves: list[dict[str, Any]], metrics: Sequence[str], title: str,
     return _png(fig)
 
 
+def _change_from_base(curves: list[dict[str, Any]], metrics: Sequence[str]) -> list[dict[str, Any]]:
+    """The curve rows of ``metrics``, each minus its seed's step-0 value (the base): seeds are different worlds
+    and bases, so their levels differ more than training moves them."""
+    start = {(c["seed"], c["metric"]): c["value"] for c in curves if c["metric"] in metrics and c["step"] == 0}
+    return [{**c, "value": c["value"] - start[(c["seed"], c["metric"])]} for c in curves if c["metric"] in metrics]
+
+
+def _reward_curve_metrics(curves: list[dict[str, Any]]) -> dict[str, list[str]]:
+    """The reward curves' metrics by prompt set (``""``: the headline set), in the order they appear."""
+    by_set: dict[str, list[str]] = {}
+    for metric in dict.fromkeys(c["metric"] for c in curves):
+        if metric not in (*HELDOUT_METRICS, *LAMBDA_METRICS):
+            by_set.setdefault(metric.partition("@")[2], []).append(metric)
+    return by_set
+
+
 def write_results(uri: str, rows: list[ResultRow], curves: list[dict[str, Any]], summary: dict[str, Any]) -> list[str]:
     """results.csv, curves.csv, plots/*.png and results.md under ``uri``; returns what was written (relative)."""
     written = ["results.csv", "curves.csv"]
@@ -529,8 +625,14 @@ def write_results(uri: str, rows: list[ResultRow], curves: list[dict[str, Any]],
         png = curve_plot(curves, metrics, title, summary["arms"])
         if png is not None:
             plots.append((f"plots/{stem}.png", png))
+    for label, metrics in _reward_curve_metrics(curves).items():
+        where = f", prompt set {label}" if label else ""
+        png = curve_plot(_change_from_base(curves, metrics), metrics,
+                         f"reward minus the base's (step 0), per seed, over training{where}", summary["arms"])
+        if png is not None:
+            plots.append((f"plots/curves-rewards{'-' + label if label else ''}.png", png))
     for name, png in plots:
         fs.write_bytes(fs.join(uri, name), png)
     names = [name for name, _ in plots]
-    fs.write_bytes(fs.join(uri, "results.md"), render_markdown(rows, summary, names).encode())
+    fs.write_bytes(fs.join(uri, "results.md"), render_markdown(rows, summary, names, curves).encode())
     return [*written, *names, "results.md"]

@@ -17,6 +17,8 @@ The flow, the stages and ``dvc.yaml`` use these paths and nothing else (``tests/
     ROOT/evals/<arm>/                   images/, scores.jsonl, manifest.json, grid.png, summary.json,
                                         sets/<prompt set>/ (the same files for each further prompt set),
                                         metrics.json (written last)
+    ROOT/evals-over-steps/<arm>/step-N/ the same for a kept training checkpoint (rewards only; `sdpo experiment
+                                        --checkpoint-rewards`)
     ROOT/reports/                       compare-<arm>.json, registry.json, promotion.json,
                                         promotion_summary.json, summary.json
     ROOT/experiments/<name>/            `sdpo experiment`: seed-<s>/ (a whole run layout per seed), results.csv,
@@ -124,6 +126,13 @@ class RunLayout:
 
     def eval_set(self, arm: str, prompt_set: str) -> str:
         return join(self.eval_sets(arm), _name("prompt set", prompt_set))
+
+    def checkpoint_evals(self, arm: str) -> str:
+        """The evaluations of the arm's training checkpoints (``sdpo experiment --checkpoint-rewards``)."""
+        return self.path("evals-over-steps", _name("arm", arm))
+
+    def checkpoint_eval(self, arm: str, step: int) -> str:
+        return join(self.checkpoint_evals(arm), f"step-{int(step):07d}")
 
     def reports(self) -> str:
         return self.path("reports")

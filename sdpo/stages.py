@@ -510,13 +510,9 @@ def evaluate(ctx: StageContext, arm: str, *, model: str | None = None, base: str
     scratch folder, logged from there into the MLflow run ``evaluate-<arm>`` (the records promotion decides from:
     see :func:`sdpo.tracking.runs.log_eval_dir`), then published. Returns the metrics and ``evaluation_run_id``.
     """
-    from sdpo.eval.generate import evaluate as evaluate_model
-    from sdpo.eval.generate import resolve_prompts
-
     model_uri = model or arm_model(ctx, arm)
     heldout_uri = _optional_heldout(ctx)
     base_model = base or (base_uri(ctx) if heldout_uri or fs.exists(ctx.layout.base_record()) else None)
-    prompts = resolve_prompts(ctx.cfg.eval.prompts)
     is_base = model_uri == base_model
     with contextlib.ExitStack() as stack:
         local_model = stack.enter_context(_local_model(model_uri))
@@ -526,28 +522,67 @@ def evaluate(ctx: StageContext, arm: str, *, model: str | None = None, base: str
         extra = {"heldout": {"winner_delta": 0.0, "loser_delta": 0.0, "n_pairs": 0}} if heldout_uri and is_base \
             else None
         scratch = stack.enter_context(fs.scratch("sdpo-eval-"))
-        work, scoring = scratch / "eval", _scoring_config(ctx).eval
-        set_metrics = {}
-        for name in scoring.prompt_sets:  # each a whole evaluation folder, moved under work/sets/ below
-            set_cfg = scoring.for_prompt_set(name)
-            result = evaluate_model(local_model, resolve_prompts(set_cfg.prompts), scratch / EVAL_SETS / name,
-                                    set_cfg, model_uri=model_uri)
-            set_metrics[name] = {"prompts": set_cfg.prompts, "seeds_per_prompt": set_cfg.seeds_per_prompt,
-                                 "rewards": result.get("rewards", {})}
-        extra = {**(extra or {}), "prompts": ctx.cfg.eval.prompts, "prompt_sets": set_metrics}
-        metrics = evaluate_model(local_model, prompts, work, scoring, base_dir=local_base,
-                                 heldout_shards=heldout, extra_metrics=extra, model_uri=model_uri)
+        work = scratch / "eval"
+        metrics = _evaluate_prompt_sets(ctx, local_model, scratch, model_uri=model_uri, base_dir=local_base,
+                                        heldout_shards=heldout, extra_metrics=extra)
         if not metrics:
             return {}  # not the main process of a multi-process evaluation: the main one logs and publishes
-        (scratch / EVAL_SETS).mkdir(exist_ok=True)
-        (scratch / EVAL_SETS).rename(work / EVAL_SETS)
-        # also when there are none: the folder is a DVC output, and DVC needs it to hold a file
-        fs.write_json(str(work / EVAL_SETS / "index.json"),
-                      {name: {k: v for k, v in entry.items() if k != "rewards"} for name, entry in set_metrics.items()})
         reference = _heldout_reference(metrics, model_uri, base_model, local_base) if heldout_uri else None
         run_id = _log_evaluation(ctx, arm, work, metrics, reference, model_uri, heldout, heldout_uri)
         fs.publish_dir(work, ctx.layout.evals(arm), marker=EVAL_MARKER)
     return {**metrics, "evaluation_run_id": run_id}
+
+
+def _evaluate_prompt_sets(ctx: StageContext, model_dir: str, scratch: Path, *, model_uri: str,
+                          extra_metrics: dict[str, Any] | None = None, **heldout: Any) -> dict[str, Any]:
+    """Evaluate ``model_dir`` on every further prompt set, then on the headline prompts into ``scratch/eval``
+    (``heldout``: the base folder and held-out shards of the held-out deltas), with the sets inside it as
+    ``sets/<name>/``. Returns the headline metrics (empty on a process that is not the main one)."""
+    from sdpo.eval.generate import evaluate as evaluate_model
+    from sdpo.eval.generate import resolve_prompts
+
+    work, scoring = scratch / "eval", _scoring_config(ctx).eval
+    set_metrics = {}
+    for name in scoring.prompt_sets:  # each a whole evaluation folder, moved under work/sets/ below
+        set_cfg = scoring.for_prompt_set(name)
+        result = evaluate_model(model_dir, resolve_prompts(set_cfg.prompts), scratch / EVAL_SETS / name, set_cfg,
+                                model_uri=model_uri)
+        set_metrics[name] = {"prompts": set_cfg.prompts, "seeds_per_prompt": set_cfg.seeds_per_prompt,
+                             "rewards": result.get("rewards", {})}
+    extra = {**(extra_metrics or {}), "prompts": ctx.cfg.eval.prompts, "prompt_sets": set_metrics}
+    metrics = evaluate_model(model_dir, resolve_prompts(ctx.cfg.eval.prompts), work, scoring, extra_metrics=extra,
+                             model_uri=model_uri, **heldout)
+    if not metrics:
+        return {}
+    (scratch / EVAL_SETS).mkdir(exist_ok=True)
+    (scratch / EVAL_SETS).rename(work / EVAL_SETS)
+    # also when there are none: the folder is a DVC output, and DVC needs it to hold a file
+    fs.write_json(str(work / EVAL_SETS / "index.json"),
+                  {name: {k: v for k, v in entry.items() if k != "rewards"} for name, entry in set_metrics.items()})
+    return metrics
+
+
+@writes("evaluate", lambda ctx, arm, step, **__: ctx.layout.checkpoint_eval(arm, step))
+def evaluate_checkpoint(ctx: StageContext, arm: str, step: int) -> dict[str, Any]:
+    """Score the arm's kept training checkpoint at ``step`` as :func:`evaluate` scores a model, on the same prompt
+    sets and sampling seeds; publish ``layout.checkpoint_eval(arm, step)``. Returns its metrics.
+
+    Rewards only: the held-out error deltas over the steps are the trainer's own probes (``heldout.jsonl``). Nothing
+    is logged to MLflow (``sdpo experiment`` tabulates these); the model is exported to a scratch folder and deleted.
+    """
+    from sdpo.train.checkpoint import COMPLETE, checkpoint_name, export_model
+
+    uri = fs.join(ctx.layout.checkpoints(arm), checkpoint_name(step))
+    with contextlib.ExitStack() as stack:
+        checkpoint = stack.enter_context(fs.local_copy(uri, marker=COMPLETE))
+        local_base = stack.enter_context(_local_model(base_uri(ctx)))
+        scratch = stack.enter_context(fs.scratch("sdpo-eval-step-"))
+        export_model(Path(checkpoint), local_base, scratch / "model")
+        metrics = _evaluate_prompt_sets(ctx, str(scratch / "model"), scratch, model_uri=uri,
+                                        extra_metrics={"step": step})
+        if metrics:
+            fs.publish_dir(scratch / "eval", ctx.layout.checkpoint_eval(arm, step), marker=EVAL_MARKER)
+    return metrics
 
 
 def _heldout_reference(metrics: dict[str, Any], model_uri: str, base_model: str, local_base: Path | str | None):

@@ -28,6 +28,7 @@ def tiny_params() -> dict[str, Any]:
     params["model"]["toy"].update(vae_steps=5, unet_steps=5, batch_size=8)
     params["train"].update(steps=3, batch_size=4, log_every=1, heldout_every=1, heldout_pairs=8)
     params["eval"].update(seeds_per_prompt=2, num_inference_steps=2, bootstrap_samples=50, heldout_pairs=8)
+    params["eval"]["prompt_sets"]["train"]["seeds_per_prompt"] = 1
     params["eval"]["preference_model"]["steps"] = 20
     assert tuple(params["train"]["variants"]) == ARMS, "the test expects the default variants"
     return params
@@ -41,8 +42,10 @@ def run(config: Path, *args: str) -> int:
 def experiment(tmp_path_factory) -> dict[str, Any]:
     work = tmp_path_factory.mktemp("experiment")
     config = work / "params.yaml"
-    config.write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
-    assert run(config, "--seeds", "0", "1") == 0
+    params = tiny_params()
+    params["train"].update(checkpoint_every=1, keep_checkpoints=0)  # scored at steps 1 and 2 (3 is the model)
+    config.write_text(yaml.safe_dump(params, sort_keys=False))
+    assert run(config, "--seeds", "0", "1", "--checkpoint-rewards") == 0
     folder = work / "data" / "experiments" / NAME
     return {"config": config, "folder": folder, "summary": json.loads((folder / "experiment.json").read_text())}
 
@@ -108,8 +111,9 @@ def test_markdown_and_plots(experiment):
     assert "| dpo-sdpo | dpo  |" in text and "95% t-interval" in text and "95% bootstrap" in text
     plots = [p for p in summary["outputs"] if p.startswith("plots/")]
     groups = {(r["table"], r["metric"]) for r in read_rows(folder)}
-    assert {f"plots/{t}-{m}.png" for t, m in groups} | {"plots/curves-heldout.png", "plots/curves-lambda.png"} \
-        == set(plots)
+    curve_plots = {"plots/curves-heldout.png", "plots/curves-lambda.png", "plots/curves-rewards.png",
+                   "plots/curves-rewards-train.png"}
+    assert {f"plots/{t}-{m}.png" for t, m in groups} | curve_plots == set(plots)
     for plot in plots:
         assert (folder / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"]({plot})" in text
@@ -121,20 +125,60 @@ def test_markdown_and_plots(experiment):
     assert ("0", "dpo-sdpo", "lambda_mean") in steps and ("0", "dpo", "lambda_mean") not in steps
 
 
+def test_every_checkpoint_is_scored_for_reward_curves(experiment):
+    """--checkpoint-rewards: each reward at step 0 (the base), at each kept checkpoint and at the last step (the
+    arm's model), per seed, prompt set and arm; the checkpoints' evaluations are whole evaluation folders."""
+    folder = experiment["folder"]
+    curves = list(csv.DictReader((folder / "curves.csv").open()))
+    rewards = EvalConfig().rewards
+    for seed in (0, 1):
+        evals = folder / f"seed-{seed}" / "evals"
+        for arm in ARMS:
+            scored = folder / f"seed-{seed}" / "evals-over-steps" / arm
+            assert sorted(p.name for p in scored.iterdir() if p.is_dir()) == ["step-0000001", "step-0000002"]
+            for metric in [*rewards, *(f"{r}@train" for r in rewards)]:
+                got = {int(c["step"]): float(c["value"]) for c in curves
+                       if (c["seed"], c["arm"], c["metric"]) == (str(seed), arm, metric)}
+                assert sorted(got) == [0, 1, 2, 3], (seed, arm, metric)
+                reward, _, prompt_set = metric.partition("@")
+                where = Path("sets", prompt_set) if prompt_set else Path()
+                for step, source in ((0, evals / "base"), (2, scored / "step-0000002"), (3, evals / arm)):
+                    stats = json.loads((source / where / "metrics.json").read_text())["rewards"][reward]
+                    assert got[step] == pytest.approx(stats["mean"]), (seed, arm, metric, step)
+    # a checkpoint's model is not the final one: its images differ
+    seed0 = folder / "seed-0"
+    assert (seed0 / "evals-over-steps" / "dpo" / "step-0000001" / "scores.jsonl").read_text() != \
+        (seed0 / "evals" / "dpo" / "scores.jsonl").read_text()
+    text = (folder / "results.md").read_text()
+    assert "## Rewards over training (mean over seeds; step 0 is the base)" in text
+    assert "## Rewards over training, prompt set `train`" in text
+
+
+def test_checkpoint_rewards_need_every_checkpoint_kept(tmp_path, capsys):
+    config = tmp_path / "params.yaml"
+    config.write_text(yaml.safe_dump(tiny_params(), sort_keys=False))  # checkpoints only at the end
+    assert run(config, "--seeds", "0", "1", "--checkpoint-rewards") == 2
+    err = capsys.readouterr().err
+    assert "arm 'dpo' writes checkpoints only at the end" in err and "train.keep_checkpoints=0" in err, err
+    assert not (tmp_path / "data").exists()  # refused before any work
+
+
 def test_rerun_skips_complete_seeds_and_redoes_only_what_is_missing(experiment):
     import shutil
 
     config, folder = experiment["config"], experiment["folder"]
     before = (folder / "results.csv").read_text()
-    assert run(config, "--seeds", "0", "1") == 0
+    assert run(config, "--seeds", "0", "1", "--checkpoint-rewards") == 0
     summary = json.loads((folder / "experiment.json").read_text())
     assert summary["ran"] == {"0": [], "1": []}
     assert (folder / "results.csv").read_text() == before
 
     shutil.rmtree(folder / "seed-1" / "evals" / "dpo")
-    assert run(config, "--seeds", "0", "1") == 0
+    shutil.rmtree(folder / "seed-0" / "evals-over-steps" / "dpo-sdpo" / "step-0000002")
+    assert run(config, "--seeds", "0", "1", "--checkpoint-rewards") == 0
     summary = json.loads((folder / "experiment.json").read_text())
-    assert summary["ran"] == {"0": [], "1": ["evaluate:dpo", "compare:dpo"]}
+    assert summary["ran"] == {"0": ["evaluate:dpo-sdpo@2"], "1": ["evaluate:dpo", "compare:dpo"]}
+    assert (folder / "results.csv").read_text() == before  # the same models, sampled on the same seeds
 
 
 def test_other_settings_under_the_same_name_are_refused(experiment, capsys):

@@ -25,6 +25,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="the seeds (at least two; default: 0 1 2)")
     parser.add_argument("--arm", dest="arms", action="append", metavar="VARIANT",
                         help="a train.variants entry to run (repeatable; default: every variant)")
+    parser.add_argument("--checkpoint-rewards", action="store_true",
+                        help="also score every kept training checkpoint on the same prompts and seeds, for reward "
+                        "curves over the steps (curves.csv, plots/curves-rewards*.png); needs train.checkpoint_every "
+                        "below train.steps and train.keep_checkpoints=0")
     add_config_args(parser)
     parser.set_defaults(func=run)
 
@@ -39,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     project_dir = Path(args.config).resolve().parent
     summary = run_experiment(cfg, args.name, seeds=args.seeds, arms=args.arms, project_dir=project_dir,
-                             source=args.config)
+                             source=args.config, checkpoint_rewards=args.checkpoint_rewards)
     print("\n" + fs.read_text(fs.join(summary["uri"], "results.md")))
     print(f"wrote {summary['uri']}/: " + ", ".join(summary["outputs"]))
     return 0
