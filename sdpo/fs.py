@@ -219,6 +219,8 @@ def folder_digest(uri: str | os.PathLike) -> str:
     The one digest of models and evaluation folders everywhere (registry tags, evaluation records, caches), the same
     for a folder on local disk and its copy in an object store.
     """
+    # Ours rather than a library's: dirhash and checksumdir walk local folders only (os.scandir), and the digest of
+    # an s3:// copy must equal the local one without a local copy of the folder.
     files = list_files(uri)
     if not files:
         raise StoreError(f"{uri}: no files to digest (missing or empty folder)")
