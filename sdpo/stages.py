@@ -445,6 +445,7 @@ def train(ctx: StageContext, arm: str, *, base: str | None = None, resume: bool 
                        and "train-after-checkpoint" in os.environ.get(FAULT_ENV, "").split(","), **caches)
         _log_training_inputs(ctx, arm, shards)
         summary = launch(job, ctx.cfg.train) if should_launch(ctx.cfg.train) else run_job(job)
+        _record_mlflow_run(work / "training_summary.json", run.info.run_id)
         _write_curves(work)
         if layout.remote:
             fs.publish_dir(work / "model", layout.model(arm), marker=MODEL_MARKER)
@@ -454,6 +455,35 @@ def train(ctx: StageContext, arm: str, *, base: str | None = None, resume: bool 
     summary.update(base_model=base_model, model=layout.model(arm), resumed_from=resumed_from,
                    mlflow_run_id=run.info.run_id)
     return summary
+
+
+def _record_mlflow_run(summary_path: Path, run_id: str) -> None:
+    """Name the training's MLflow run in its summary: later evaluations of the arm log their rewards into it."""
+    fs.write_json(str(summary_path), {**fs.read_json(str(summary_path)), "mlflow_run_id": run_id})
+
+
+def _log_rewards_at_step(ctx: StageContext, arm: str, metrics: dict[str, Any], step: int | None = None) -> None:
+    """Log an evaluation's reward means into the arm's training run at ``step`` (default: the trained model's last
+    step) as ``eval.<reward>`` for the headline prompts and ``eval.<prompt set>.<reward>`` for the others, so that
+    MLflow charts the rewards over the steps. An arm whose summary names no run is left as it is."""
+    from mlflow.exceptions import MlflowException
+
+    from sdpo.tracking.runs import log_metrics_at
+
+    summary_uri = ctx.layout.training_file(arm, "training_summary.json")
+    summary = fs.read_json(summary_uri) if fs.exists(summary_uri) else {}
+    if not summary.get("mlflow_run_id"):
+        return
+    means = {f"eval.{name}": entry["mean"] for name, entry in metrics.get("rewards", {}).items()}
+    for set_name, entry in metrics.get("prompt_sets", {}).items():
+        means.update({f"eval.{set_name}.{name}": stats["mean"] for name, stats in entry["rewards"].items()})
+    try:
+        log_metrics_at(summary["mlflow_run_id"], means, summary["steps"] if step is None else step)
+    except MlflowException as err:  # trained against another tracking store: the evaluation itself stands
+        if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        print(f"{summary_uri}: its MLflow run {summary['mlflow_run_id']} is not in this tracking store; the rewards "
+              "were not added to it")
 
 
 def _training_caches(ctx: StageContext, stack: contextlib.ExitStack, heldout_uri: str | None) -> dict[str, str]:
@@ -530,6 +560,8 @@ def evaluate(ctx: StageContext, arm: str, *, model: str | None = None, base: str
         reference = _heldout_reference(metrics, model_uri, base_model, local_base) if heldout_uri else None
         run_id = _log_evaluation(ctx, arm, work, metrics, reference, model_uri, heldout, heldout_uri)
         fs.publish_dir(work, ctx.layout.evals(arm), marker=EVAL_MARKER)
+    if model is None and not is_base:  # the arm's own final model: the last point of its rewards over the steps
+        _log_rewards_at_step(ctx, arm, metrics)
     return {**metrics, "evaluation_run_id": run_id}
 
 
@@ -567,8 +599,9 @@ def evaluate_checkpoint(ctx: StageContext, arm: str, step: int) -> dict[str, Any
     """Score the arm's kept training checkpoint at ``step`` as :func:`evaluate` scores a model, on the same prompt
     sets and sampling seeds; publish ``layout.checkpoint_eval(arm, step)``. Returns its metrics.
 
-    Rewards only: the held-out error deltas over the steps are the trainer's own probes (``heldout.jsonl``). Nothing
-    is logged to MLflow (``sdpo experiment`` tabulates these); the model is exported to a scratch folder and deleted.
+    Rewards only: the held-out error deltas over the steps are the trainer's own probes (``heldout.jsonl``). The
+    reward means are logged into the arm's training run at ``step`` (no evaluation run of their own: ``sdpo
+    experiment`` tabulates the evaluations); the model is exported to a scratch folder and deleted.
     """
     from sdpo.train.checkpoint import COMPLETE, checkpoint_name, export_model
 
@@ -582,6 +615,8 @@ def evaluate_checkpoint(ctx: StageContext, arm: str, step: int) -> dict[str, Any
                                         extra_metrics={"step": step})
         if metrics:
             fs.publish_dir(scratch / "eval", ctx.layout.checkpoint_eval(arm, step), marker=EVAL_MARKER)
+    if metrics:
+        _log_rewards_at_step(ctx, arm, metrics, step)
     return metrics
 
 

@@ -156,6 +156,25 @@ def test_every_checkpoint_is_scored_for_reward_curves(experiment):
     assert "## Rewards over training, prompt set `train`" in text
 
 
+def test_rewards_over_the_steps_are_charted_in_the_training_run(experiment):
+    """The checkpoints' and the final model's reward means land in the arm's MLflow training run, one point per
+    step, equal to the evaluations' own."""
+    from sdpo.tracking.runs import client
+
+    store = client()
+    seed1 = experiment["folder"] / "seed-1"
+    run_id = json.loads((seed1 / "models" / "dpo-sdpo" / "training_summary.json").read_text())["mlflow_run_id"]
+    assert store.get_run(run_id).info.run_name == "train-dpo-sdpo"
+    sources = {1: seed1 / "evals-over-steps" / "dpo-sdpo" / "step-0000001",
+               2: seed1 / "evals-over-steps" / "dpo-sdpo" / "step-0000002", 3: seed1 / "evals" / "dpo-sdpo"}
+    for reward in EvalConfig().rewards:
+        for key, where in ((f"eval.{reward}", Path()), (f"eval.train.{reward}", Path("sets", "train"))):
+            history = {m.step: m.value for m in store.get_metric_history(run_id, key)}
+            expected = {step: json.loads((source / where / "metrics.json").read_text())["rewards"][reward]["mean"]
+                        for step, source in sources.items()}
+            assert history == pytest.approx(expected), key
+
+
 def test_checkpoint_rewards_need_every_checkpoint_kept(tmp_path, capsys):
     config = tmp_path / "params.yaml"
     config.write_text(yaml.safe_dump(tiny_params(), sort_keys=False))  # checkpoints only at the end
@@ -249,3 +268,14 @@ def test_colour_following_preset_changes_only_the_toy_recipe():
     assert toy.unet_steps == default.model.toy.unet_steps  # the default's number of steps, on 8x8 latents
     assert cfg.train == default.train and cfg.eval == default.eval
     assert (ROOT / "experiments" / cfg.data.root).resolve() == ROOT / "data"
+
+
+def test_rewards_for_a_run_in_another_tracking_store_are_not_logged_and_say_so(tmp_path, capsys):
+    from sdpo import fs, stages
+
+    ctx = stages.StageContext.from_config(load_config(ROOT / "params.yaml"), tmp_path)
+    summary_uri = ctx.layout.training_file("dpo", "training_summary.json")
+    fs.write_json(summary_uri, {"steps": 3, "mlflow_run_id": "0" * 32})
+    metrics = {"rewards": {"alignment": {"mean": 0.5}}, "prompt_sets": {}}
+    stages._log_rewards_at_step(ctx, "dpo", metrics)  # the evaluation is not lost over it
+    assert f"{summary_uri}: its MLflow run {'0' * 32} is not in this tracking store" in capsys.readouterr().out

@@ -104,6 +104,12 @@ def finish_run(run_id: str, metrics: dict[str, float] | None = None, status: str
     store.set_terminated(run_id, status=status)
 
 
+def log_metrics_at(run_id: str, metrics: dict[str, float], step: int) -> None:
+    """Log ``metrics`` at ``step`` into run ``run_id`` (it may have finished) in one request."""
+    now = int(time.time() * 1000)
+    client().log_batch(run_id, metrics=[Metric(_tag_key(k), float(v), now, step) for k, v in metrics.items()])
+
+
 @contextmanager
 def resume_run(run_id: str) -> Iterator[mlflow.ActiveRun]:
     """Log into an existing run: the active one if it is ``run_id``, else reopen it until the block ends."""

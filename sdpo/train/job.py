@@ -61,18 +61,10 @@ def mirror_checkpoint(local: Path, uri: str) -> None:
 def _metrics_logger(run_id: str | None):
     if run_id is None:
         return None
-    from mlflow import MlflowClient
-    from mlflow.entities import Metric
-
-    from sdpo.tracking.runs import tracking_uri
-
-    client = MlflowClient(tracking_uri=tracking_uri())
+    from sdpo.tracking.runs import log_metrics_at
 
     def log(row: dict[str, float], step: int) -> None:
-        import time
-
-        now = int(time.time() * 1000)
-        client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in row.items()])
+        log_metrics_at(run_id, row, step)
 
     return log
 
