@@ -406,7 +406,9 @@ def _prepare_train_dir(ctx: StageContext, arm: str, work: Path, *, shards: Path,
     if problems:
         raise TrainingError(f"cannot resume {uri}: it is another run: " + "; ".join(problems)
                             + ". Resume with the settings it was written with, or start over with --overwrite")
-    if layout.remote:  # all of them (two at most): if the guard sets the newest aside, the older one is the good one
+    # Remote: all of them (train.keep_checkpoints of them; every one when 0), because the mirror makes the store equal
+    # to this folder, and if the guard sets the newest aside an older one is the good one.
+    if layout.remote:
         for name in ck.complete_checkpoints(layout.checkpoints(arm)):
             fs.download(fs.join(layout.checkpoints(arm), name), work / "checkpoints" / name)
     return latest
