@@ -104,10 +104,12 @@ def finish_run(run_id: str, metrics: dict[str, float] | None = None, status: str
     store.set_terminated(run_id, status=status)
 
 
-def log_metrics_at(run_id: str, metrics: dict[str, float], step: int) -> None:
-    """Log ``metrics`` at ``step`` into run ``run_id`` (it may have finished) in one request."""
+def log_metrics_at(run_id: str, metrics: dict[str, float], step: int, *, store: MlflowClient | None = None) -> None:
+    """Log ``metrics`` at ``step`` into run ``run_id`` (it may have finished) in one request; ``store``: a client to
+    reuse (a training loop logs many times), default :func:`client`."""
     now = int(time.time() * 1000)
-    client().log_batch(run_id, metrics=[Metric(_tag_key(k), float(v), now, step) for k, v in metrics.items()])
+    points = [Metric(_tag_key(k), float(v), now, step) for k, v in metrics.items()]
+    (store or client()).log_batch(run_id, metrics=points)
 
 
 @contextmanager

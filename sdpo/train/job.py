@@ -61,10 +61,14 @@ def mirror_checkpoint(local: Path, uri: str) -> None:
 def _metrics_logger(run_id: str | None):
     if run_id is None:
         return None
-    from sdpo.tracking.runs import log_metrics_at
+    from mlflow import MlflowClient
+
+    from sdpo.tracking.runs import log_metrics_at, tracking_uri
+
+    store = MlflowClient(tracking_uri=tracking_uri())  # one client for the whole run, as before
 
     def log(row: dict[str, float], step: int) -> None:
-        log_metrics_at(run_id, row, step)
+        log_metrics_at(run_id, row, step, store=store)
 
     return log
 
