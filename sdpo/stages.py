@@ -406,11 +406,10 @@ def _prepare_train_dir(ctx: StageContext, arm: str, work: Path, *, shards: Path,
     if problems:
         raise TrainingError(f"cannot resume {uri}: it is another run: " + "; ".join(problems)
                             + ". Resume with the settings it was written with, or start over with --overwrite")
-    # Remote: all of them (train.keep_checkpoints of them; every one when 0), because the mirror makes the store equal
-    # to this folder, and if the guard sets the newest aside an older one is the good one.
+    # Remote: only the newest, the one resumed from. The older ones stay in the store (the mirror removes only what
+    # the keep rule expires or the NaN guard sets aside), and the guard names the last good one there.
     if layout.remote:
-        for name in ck.complete_checkpoints(layout.checkpoints(arm)):
-            fs.download(fs.join(layout.checkpoints(arm), name), work / "checkpoints" / name)
+        fs.download(uri, work / "checkpoints" / latest)
     return latest
 
 

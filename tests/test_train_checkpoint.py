@@ -184,8 +184,19 @@ def test_resume_on_an_object_store_root_checks_and_continues_the_mirrored_run(mo
 
     summary = stages.train(context(root), ARM, resume=True)
     assert summary["resumed_from"] == "step-0000001" and summary["steps"] == 3
-    assert ck.complete_checkpoints(f"{root}/{CKPT}") == ["step-0000002", "step-0000003"]  # the same two as local
+    assert ck.complete_checkpoints(f"{root}/{CKPT}") == ["step-0000002", "step-0000003"]  # keep 2 over both
     assert fs.exists(f"{root}/models/{ARM}/model/model_index.json")
+
+    # Extended with every checkpoint kept: the retry fetches only the one it resumes from, and the store keeps the
+    # older one it did not fetch.
+    fetched = []
+    real_download = fs.download
+    monkeypatch.setattr(fs, "download", lambda uri, local: fetched.append(str(uri)) or real_download(uri, local))
+    summary = stages.train(context(root, "train.steps=5", "train.keep_checkpoints=0"), ARM, resume=True)
+    assert summary["resumed_from"] == "step-0000003" and summary["steps"] == 5
+    assert {uri.split("/checkpoints/")[1].split("/")[0] for uri in fetched if "/checkpoints/" in uri} == {
+        "step-0000003"}  # its state.json (the identity check), then the folder
+    assert ck.complete_checkpoints(f"{root}/{CKPT}") == [f"step-000000{n}" for n in (2, 3, 4, 5)]
 
 
 def test_a_pickle_planted_in_a_model_folder_does_not_run(tiny_sd15, tmp_path):

@@ -2,6 +2,7 @@
 
 import re
 import shlex
+import shutil
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,22 @@ def _outputs_finite(base: Path, weights: Path | None = None) -> bool:
     with torch.no_grad():
         out = unet(sample, torch.tensor([10, 500]), encoder_hidden_states=text).sample
     return bool(torch.isfinite(out).all())
+
+
+def _poison_the_loss_of_step_3(monkeypatch):
+    """Make step 3's training loss (computed from step 2's weights) NaN; returns the real ``_micro_step``."""
+    from sdpo.train.trainer import Trainer
+
+    original = Trainer._micro_step
+
+    def poisoned(self, batch):
+        out = original(self, batch)
+        if self.state.step == 2 and torch.is_grad_enabled():  # step 3's training forward only
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(Trainer, "_micro_step", poisoned)
+    return original
 
 
 def test_a_diverged_first_step_leaves_no_checkpoint_and_the_advice_works(small_shards, tiny_sd15, tmp_path,
@@ -83,6 +100,38 @@ def test_divergence_after_a_good_checkpoint_names_it_and_resume_advice_works(sma
     assert _outputs_finite(root / "models" / "dpo" / "model")
 
 
+def test_a_retry_that_fetched_only_the_newest_checkpoint_names_the_stores_older_one(small_shards, tiny_sd15,
+                                                                                     tmp_path, monkeypatch):
+    """A retry on a fresh machine fetches only the checkpoint it resumes from. When the step after it diverges,
+    that checkpoint is set aside here and in the store, and the last good one is the store's older checkpoint."""
+    from sdpo.config import load_config
+    from sdpo.errors import TrainingError
+    from sdpo.train.job import mirror_checkpoint
+    from sdpo.train.trainer import train
+
+    sets = ["train.batch_size=4", "train.heldout_every=0", "train.beta=500", "train.checkpoint_every=1",
+            "train.log_every=1", "train.keep_checkpoints=0"]
+    first, store, retry = tmp_path / "first", tmp_path / "store", tmp_path / "retry"
+
+    def mirror(path: Path) -> None:
+        mirror_checkpoint(path, str(store), keep=0)
+
+    train(load_config(None, [*sets, "train.steps=2"]), shards_dir=small_shards, base_model=str(tiny_sd15),
+          output_dir=first, show_progress=False, on_checkpoint=mirror)
+    assert ck.complete_checkpoints(store) == ["step-0000001", "step-0000002"]
+    shutil.copytree(store / "step-0000002", retry / "checkpoints" / "step-0000002")  # what the retry fetches
+
+    _poison_the_loss_of_step_3(monkeypatch)
+    with pytest.raises(TrainingError, match="non-finite training at step 3") as err:
+        train(load_config(None, [*sets, "train.steps=4"]), shards_dir=small_shards, base_model=str(tiny_sd15),
+              output_dir=retry, resume=True, show_progress=False, on_checkpoint=mirror, checkpoint_store=str(store))
+    message = str(err.value)
+    assert f"the last good checkpoint is {store / 'step-0000001'} " in message
+    assert "To continue from step-0000001 " in message
+    assert ck.complete_checkpoints(retry / "checkpoints") == []
+    assert ck.complete_checkpoints(store) == ["step-0000001"]  # the set-aside one left the store too
+
+
 @pytest.mark.parametrize(("lr", "suggested"), [(1e6, 1e-5), (1e-5, 1e-6), (3e-7, 3e-8)])
 def test_the_suggested_lr_is_lower(lr, suggested):
     from sdpo.train.guard import lower_lr
@@ -99,21 +148,13 @@ def test_a_checkpoint_whose_next_step_diverges_is_set_aside_everywhere(small_sha
     from sdpo.train.job import mirror_checkpoint
     from sdpo.train.trainer import Trainer, train
 
-    original = Trainer._micro_step
-
-    def poisoned(self, batch):
-        out = original(self, batch)
-        if self.state.step == 2 and torch.is_grad_enabled():  # step 3's training forward only
-            out.loss = out.loss * float("nan")
-        return out
-
-    monkeypatch.setattr(Trainer, "_micro_step", poisoned)
+    original = _poison_the_loss_of_step_3(monkeypatch)
     cfg = load_config(None, ["train.steps=4", "train.batch_size=4", "train.heldout_every=0", "train.beta=500",
                              "train.checkpoint_every=1", "train.log_every=1"])
     out, mirror = tmp_path / "run", tmp_path / "mirror"
     with pytest.raises(TrainingError, match="non-finite training at step 3") as err:
         train(cfg, shards_dir=small_shards, base_model=str(tiny_sd15), output_dir=out, show_progress=False,
-              on_checkpoint=lambda path: mirror_checkpoint(path, str(mirror)))
+              on_checkpoint=lambda path: mirror_checkpoint(path, str(mirror), keep=2))
     message = str(err.value)
     assert f"the last good checkpoint is {out / 'checkpoints' / 'step-0000001'} " in message
     assert "step-0000002 was set aside as rejected-step-0000002" in message

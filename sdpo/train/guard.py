@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 
 import torch
 
@@ -60,12 +59,13 @@ def lower_lr(lr: float) -> float:
     return float(default) if lr > default else lr / 10
 
 
-def advice(tcfg: TrainConfig, last_good: Path | None, *, variant: str) -> str:
-    """What to run next, as flags to add to the same ``sdpo train`` command (or to the flow's ``--set``)."""
+def advice(tcfg: TrainConfig, last_good: str | None, *, variant: str) -> str:
+    """What to run next, as flags to add to the same ``sdpo train`` command (or to the flow's ``--set``);
+    ``last_good`` is the name of the newest good checkpoint."""
     lr = lower_lr(tcfg.lr)
     flag = f"--set train.lr={lr:g}"
     if last_good is not None:
-        return (f"To continue from {last_good.name} with a lower learning rate, rerun the same command with "
+        return (f"To continue from {last_good} with a lower learning rate, rerun the same command with "
                 f"`--resume {flag}` (train.lr {tcfg.lr:g} -> {lr:g}; the new lr applies from that step on and is "
                 f"recorded in training_summary.json). train.beta and the objective cannot change on resume: to change "
                 f"them, start over with `--overwrite`.")

@@ -41,20 +41,32 @@ class TrainJob:
     heldout_cache: str | None = None  # local latent cache of the held-out shards
 
 
-def mirror_checkpoint(local: Path, uri: str) -> None:
-    """Make the checkpoints under ``uri`` those of ``local.parent``: new complete ones published (``COMPLETE``
-    last), ones gone locally (older, or set aside by the NaN guard) removed there. ``local`` need not exist."""
-    from sdpo.train.checkpoint import COMPLETE, STATE, complete_checkpoints
+def mirror_checkpoint(local: Path, uri: str, *, keep: int) -> None:
+    """Bring the checkpoints under ``uri`` up to date with those of ``local.parent``.
 
-    here = complete_checkpoints(local.parent)
+    New complete local checkpoints are published (``COMPLETE`` last). The store keeps the rest of what it holds,
+    so a resumed run that fetched only its newest checkpoint does not erase the older ones, and removes only: what
+    the guard set aside here (``rejected-step-N``), what ``keep`` (``train.keep_checkpoints``; 0 keeps all) expires
+    over the store's and this folder's checkpoints together, and incomplete uploads. ``local`` need not exist.
+    """
+    from sdpo.train.checkpoint import COMPLETE, REJECTED_PREFIX, STATE, complete_checkpoints, step_of
+
+    root = local.parent
+    here = complete_checkpoints(root)
     there = set(complete_checkpoints(uri))
     for name in here:
-        source = local.parent / name
+        source = root / name
         if name in there and fs.read_bytes(fs.join(uri, name, STATE)) == (source / STATE).read_bytes():
             continue  # already there (state.json names the checkpoint uniquely)
         fs.publish_dir(source, fs.join(uri, name), marker=COMPLETE)
+    # Set aside here and not written again since: the guard's verdict on the store's copy too.
+    rejected = {name for name in there - set(here) if (root / (REJECTED_PREFIX + name)).is_dir()}
+    kept = sorted((there | set(here)) - rejected, key=step_of)
+    expired = set(kept[:-keep]) if keep else set()
     for name in fs.list_dirs(uri):
-        if name.startswith("step-") and name not in here:
+        if step_of(name) is None:
+            continue
+        if name in rejected or name in expired or (name not in there and name not in here):
             fs.remove(fs.join(uri, name))
 
 
@@ -78,16 +90,18 @@ def run_job(job: TrainJob) -> dict[str, Any]:
     from sdpo.train.trainer import train
 
     cfg = validate_config(job.config, f"training job {job.arm}")
+    keep = cfg.train.for_variant(job.arm).keep_checkpoints
 
     def on_checkpoint(path: Path) -> None:
         if job.checkpoint_uri is not None:
-            mirror_checkpoint(path, job.checkpoint_uri)
+            mirror_checkpoint(path, job.checkpoint_uri, keep=keep)
         if job.fault:
             raise TrainingError(f"injected fault after checkpoint {path.name} (first attempt only); a retry resumes")
 
     train(cfg, shards_dir=job.shards, base_model=job.base, output_dir=job.work_dir, variant=job.arm,
           heldout_shards=job.heldout, resume=job.resume, on_metrics=_metrics_logger(job.mlflow_run_id),
-          on_checkpoint=on_checkpoint, cache_dir=job.cache, heldout_cache=job.heldout_cache)
+          on_checkpoint=on_checkpoint, cache_dir=job.cache, heldout_cache=job.heldout_cache,
+          checkpoint_store=job.checkpoint_uri)
     return json.loads((Path(job.work_dir) / "training_summary.json").read_text())
 
 

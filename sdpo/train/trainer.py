@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from sdpo import fs
 from sdpo.config import Config, config_to_dict
 from sdpo.errors import TrainingError
 from sdpo.objectives import ObjectiveConfig, compute_objective
@@ -113,9 +114,11 @@ class Trainer:
                  variant: str | None = None, heldout_shards: str | Path | None = None,
                  on_metrics: MetricsCallback | None = None, on_checkpoint: CheckpointCallback | None = None,
                  show_progress: bool = True, cache_dir: str | Path | None = None,
-                 heldout_cache: str | Path | None = None) -> None:
+                 heldout_cache: str | Path | None = None, checkpoint_store: str | None = None) -> None:
         """``cache_dir``: the latent cache of the train shards (then ``shards_dir`` needs only its manifest);
-        ``heldout_cache``: that of the held-out shards, for the held-out probe."""
+        ``heldout_cache``: that of the held-out shards, for the held-out probe; ``checkpoint_store``: where
+        ``on_checkpoint`` mirrors the checkpoints (it may hold older ones than this run's folder), named by the
+        NaN guard's advice."""
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration
 
@@ -130,6 +133,7 @@ class Trainer:
         self.base_model = base_model
         self.on_metrics = on_metrics
         self.on_checkpoint = on_checkpoint
+        self.checkpoint_store = checkpoint_store
         self.show_progress = show_progress
         self.accelerator = Accelerator(
             mixed_precision=self.tcfg.mixed_precision,
@@ -485,12 +489,13 @@ class Trainer:
             except Exception as err:  # the divergence is the error to report; say that the mirror lags
                 rejected += f" (mirroring that change failed: {type(err).__name__}: {err})"
         acc.wait_for_everyone()
-        latest = ck.latest_checkpoint(root)
-        last_good = root / latest if latest else None
+        store = self.checkpoint_store or root  # a resume reads the store, which may hold older checkpoints
+        good = [name for name in ck.complete_checkpoints(store) if name != bad.name]  # also if mirroring failed
+        last_good = fs.join(store, good[-1]) if good else None
         kept = (f"the last good checkpoint is {last_good} (finite weights and outputs, and the step after it "
                 "trained from it)" if last_good else "no checkpoint passed the check")
         return (f"non-finite training at step {step} (variant {self.variant!r}): {what}; {kept}{rejected}. "
-                + advice(self.tcfg, last_good, variant=self.variant))
+                + advice(self.tcfg, good[-1] if good else None, variant=self.variant))
 
     def _notify(self, path: Path) -> None:
         """Tell ``on_checkpoint`` that the checkpoints under ``path.parent`` changed (mirroring)."""
@@ -627,15 +632,17 @@ def train(cfg: Config, *, shards_dir: str | Path, base_model: str, output_dir: s
           heldout_shards: str | Path | None = None, resume: bool = False, on_metrics: MetricsCallback | None = None,
           on_checkpoint: CheckpointCallback | None = None, stop_after: int | None = None,
           show_progress: bool = True, cache_dir: str | Path | None = None,
-          heldout_cache: str | Path | None = None) -> TrainResult:
+          heldout_cache: str | Path | None = None, checkpoint_store: str | None = None) -> TrainResult:
     """Train one variant and write ``output_dir/model`` (a diffusers pipeline folder), checkpoints and metrics.
 
     ``on_checkpoint(path)`` runs on the main process after each complete checkpoint (e.g. to mirror it to a store).
     ``cache_dir`` / ``heldout_cache``: latent caches of the train / held-out shards (``sdpo encode``).
+    ``checkpoint_store``: where ``on_checkpoint`` keeps the checkpoints, if elsewhere.
     """
     os.makedirs(output_dir, exist_ok=True)
     trainer = Trainer(cfg, shards_dir=shards_dir, base_model=base_model, output_dir=output_dir, variant=variant,
                       heldout_shards=heldout_shards, on_metrics=on_metrics, on_checkpoint=on_checkpoint,
-                      show_progress=show_progress, cache_dir=cache_dir, heldout_cache=heldout_cache)
+                      show_progress=show_progress, cache_dir=cache_dir, heldout_cache=heldout_cache,
+                      checkpoint_store=checkpoint_store)
     with flushed_denormals():  # a saturated DPO loss otherwise makes every step 2-3x slower on CPU
         return trainer.run(resume=resume, stop_after=stop_after)
