@@ -458,7 +458,12 @@ def latest_checkpoint(root: str | os.PathLike) -> str | None:
 
 def expired_checkpoints(root: str | os.PathLike, *, keep: int) -> list[str]:
     """The complete checkpoints under ``root`` beyond the newest ``keep`` (``keep=0``: none expire)."""
-    done = complete_checkpoints(root)
+    return beyond_newest(complete_checkpoints(root), keep=keep)
+
+
+def beyond_newest(names: Iterable[str], *, keep: int) -> list[str]:
+    """The checkpoint names beyond the newest ``keep`` of ``names``, oldest first (``keep=0``: none)."""
+    done = sorted(names, key=lambda n: step_of(n) or 0)
     return done[:-keep] if keep else []
 
 

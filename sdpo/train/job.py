@@ -49,7 +49,7 @@ def mirror_checkpoint(local: Path, uri: str, *, keep: int) -> None:
     the guard set aside here (``rejected-step-N``), what ``keep`` (``train.keep_checkpoints``; 0 keeps all) expires
     over the store's and this folder's checkpoints together, and incomplete uploads. ``local`` need not exist.
     """
-    from sdpo.train.checkpoint import COMPLETE, REJECTED_PREFIX, STATE, complete_checkpoints, step_of
+    from sdpo.train.checkpoint import COMPLETE, REJECTED_PREFIX, STATE, beyond_newest, complete_checkpoints, step_of
 
     root = local.parent
     here = complete_checkpoints(root)
@@ -61,8 +61,7 @@ def mirror_checkpoint(local: Path, uri: str, *, keep: int) -> None:
         fs.publish_dir(source, fs.join(uri, name), marker=COMPLETE)
     # Set aside here and not written again since: the guard's verdict on the store's copy too.
     rejected = {name for name in there - set(here) if (root / (REJECTED_PREFIX + name)).is_dir()}
-    kept = sorted((there | set(here)) - rejected, key=step_of)
-    expired = set(kept[:-keep]) if keep else set()
+    expired = set(beyond_newest((there | set(here)) - rejected, keep=keep))  # the trainer's keep rule, over both
     for name in fs.list_dirs(uri):
         if step_of(name) is None:
             continue
